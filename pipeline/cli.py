@@ -1,0 +1,111 @@
+"""The `bertpipe` command: a table of subcommands, each a thin parser in front of one stage's entry function.
+
+Subcommands are imported only when run, so `bertpipe --help` stays fast and a stage's heavy dependencies
+load only for that stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+import typing
+from collections.abc import Callable
+
+from pipeline.config import load_config
+from pipeline.errors import BertpipeError
+from pipeline.log import setup_logging
+
+log = logging.getLogger("bertpipe")
+
+# name -> (one-line help, "module:function" taking the remaining argv and returning an exit code)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "vocab": ("build a WordPiece vocabulary from a corpus", "pipeline.cli:vocab_command"),
+}
+
+
+def _describe(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, "type = default") for every leaf of a config dataclass."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(_describe(hint, prefix + f.name + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            default = "a list, see the YAML recipes" if isinstance(value, list) else repr(value)
+        else:
+            default = "required"
+        type_name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        rows.append((prefix + f.name, f"{type_name} = {default}"))
+    return rows
+
+
+def config_parser(name: str, description: str, config_cls: type) -> argparse.ArgumentParser:
+    """A subcommand parser with --config, key=value overrides and --quiet, its keys listed in --help."""
+    keys = "\n".join(f"  {k:<28} {v}" for k, v in _describe(config_cls))
+    parser = argparse.ArgumentParser(
+        prog=f"bertpipe {name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config keys (set in the YAML file or as key=value overrides):\n{keys}",
+    )
+    parser.add_argument("--config", metavar="YAML", help=f"a YAML recipe, e.g. recipes/{name}/<name>.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key (dots for nesting)")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    return parser
+
+
+def vocab_command(argv: list[str]) -> int:
+    from pipeline.vocab import VocabConfig, build_vocab
+
+    parser = config_parser("vocab", "Build a WordPiece vocabulary (HF tokenizers) from a corpus.", VocabConfig)
+    parser.add_argument("--force", action="store_true", help="rebuild even if inputs and settings are unchanged")
+    args = parser.parse_intermixed_args(argv)
+    setup_logging(args.quiet)
+    cfg = load_config(VocabConfig, args.config, args.overrides)
+    out = build_vocab(cfg, force=args.force)
+    print(out)
+    return 0
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, (text, _) in COMMANDS.items())
+    return (
+        "usage: bertpipe COMMAND [--config YAML] [key=value ...] [--quiet]\n\n"
+        "A staged BERT pretraining pipeline: vocab -> shard -> pretrain -> finetune.\n\n"
+        f"commands:\n{rows}\n\nRun `bertpipe COMMAND --help` for a command's options and config keys."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"bertpipe: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return _resolve(COMMANDS[name][1])(rest)
+    except BertpipeError as err:
+        print(f"bertpipe {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"bertpipe {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
