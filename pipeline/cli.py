@@ -23,6 +23,7 @@ log = logging.getLogger("bertpipe")
 # name -> (one-line help, "module:function" taking the remaining argv and returning an exit code)
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("build a WordPiece vocabulary from a corpus", "pipeline.cli:vocab_command"),
+    "shard": ("sentence-split, tokenize and write NSP/MLM-ready Parquet shards", "pipeline.cli:shard_command"),
 }
 
 
@@ -70,6 +71,26 @@ def vocab_command(argv: list[str]) -> int:
     cfg = load_config(VocabConfig, args.config, args.overrides)
     out = build_vocab(cfg, force=args.force)
     print(out)
+    return 0
+
+
+def shard_command(argv: list[str]) -> int:
+    from pipeline.shard import ShardConfig, build_shards
+
+    parser = config_parser("shard", "Write NSP/MLM-ready Parquet shards from a corpus and a vocabulary.", ShardConfig)
+    parser.add_argument("--workers", type=int, help="processes on this node (sets the config key workers)")
+    parser.add_argument("--task-index", type=int, help="this array task's index (default: SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--num-tasks", type=int, help="number of array tasks (default: SLURM_ARRAY_TASK_COUNT)")
+    merge = parser.add_mutually_exclusive_group()
+    merge.add_argument("--merge", dest="merge", action="store_true", default=None,
+                       help="merge every task's parts into shards (default: only with a single task)")
+    merge.add_argument("--no-merge", dest="merge", action="store_false", help="write this task's parts only")
+    parser.add_argument("--force", action="store_true", help="rebuild even if inputs and settings are unchanged")
+    args = parser.parse_intermixed_args(argv)
+    setup_logging(args.quiet)
+    overrides = args.overrides + ([f"workers={args.workers}"] if args.workers is not None else [])
+    cfg = load_config(ShardConfig, args.config, overrides)
+    print(build_shards(cfg, args.task_index, args.num_tasks, merge=args.merge, force=args.force))
     return 0
 
 

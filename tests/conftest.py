@@ -41,3 +41,37 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+def build_vocab_dir(files, out: Path, vocab_size: int = 30_000) -> Path:
+    from pipeline.config import load_config
+    from pipeline.vocab import VocabConfig, build_vocab
+
+    inputs = ",".join(f"{{path: '{f}'}}" for f in files)
+    return build_vocab(load_config(VocabConfig, None, [f"corpus.inputs=[{inputs}]", f"output_dir={out}",
+                                                      f"vocab_size={vocab_size}"]))
+
+
+def shard_config(files, vocab: Path, out: str, *overrides: str):
+    from pipeline.config import load_config
+    from pipeline.shard import ShardConfig
+
+    inputs = ",".join(f"{{path: '{f}'}}" for f in files)
+    return load_config(ShardConfig, None, [f"corpus.inputs=[{inputs}]", f"vocab_dir={vocab}", f"output_dir={out}",
+                                           "workers=1", *overrides])
+
+
+@pytest.fixture(scope="session")
+def wiki_vocab(wiki_files, tmp_path_factory) -> Path:
+    """A 30k uncased vocabulary from the first 20 Wikipedia files."""
+    return build_vocab_dir(wiki_files[:20], tmp_path_factory.mktemp("vocab") / "wiki30k")
+
+
+@pytest.fixture(scope="session")
+def wiki_shards(wiki_files, wiki_vocab, tmp_path_factory) -> Path:
+    """Seq-128 shards of 10 Wikipedia files (about 21k instances)."""
+    from pipeline.shard import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "wiki128"
+    build_shards(shard_config(wiki_files[20:30], wiki_vocab, str(out), "rows_per_shard=4096"))
+    return out

@@ -22,10 +22,8 @@ def config(inputs, out, **settings) -> VocabConfig:
 
 
 @pytest.fixture(scope="module")
-def wiki_30k(wiki_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vocab") / "wiki30k"
-    build_vocab(config(wiki_files[:20], out))
-    return out
+def wiki_30k(wiki_vocab):
+    return wiki_vocab
 
 
 def real_lines(wiki_files, n=1000) -> list[str]:

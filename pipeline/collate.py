@@ -1,0 +1,120 @@
+"""Dynamic MLM masking at load time, vectorized over the batch with numpy.
+
+Of the non-special tokens of each sequence, 15% are chosen (stochastic rounding, so the share is exact in
+expectation even for short sequences; at most `max_predictions`); of those 80% become [MASK], 10% a random
+non-special token and 10% stay. [CLS], [SEP], [PAD] and the other specials are never chosen. The collator
+returns the chosen positions so that the model evaluates its MLM head on those only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenization import SpecialIds
+
+
+@dataclass
+class MaskingConfig:
+    mlm_probability: float = 0.15
+    mask_fraction: float = 0.8  # of the chosen tokens: replaced by [MASK]
+    random_fraction: float = 0.1  # replaced by a random token; the rest stay as they are
+    max_predictions: int = 20  # per sequence: 20 at seq 128, 80 at 512
+    whole_word: bool = False  # choose whole words: a word's ## pieces are chosen with it
+    pad_to: int = 0  # pad every batch to this length; 0 pads to the batch's longest
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mlm_probability < 1 or self.mask_fraction + self.random_fraction > 1:
+            raise ValueError("mlm_probability must be within (0, 1) and mask + random fractions at most 1")
+
+
+class MLMCollator:
+    """Pads a batch of unmasked rows and masks it with a generator the caller seeds (per rank and batch)."""
+
+    def __init__(self, special: SpecialIds, cfg: MaskingConfig, continuation: np.ndarray | None = None):
+        self.special, self.cfg = special, cfg
+        if cfg.whole_word and continuation is None:
+            raise ValueError("whole-word masking needs the vocabulary's ## continuation flags")
+        self.continuation = continuation  # bool per vocabulary id: the piece starts with ##
+
+    def __call__(self, input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], nsp_labels: np.ndarray,
+                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        cfg, sp = self.cfg, self.special
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        width = max(int(lengths.max()), cfg.pad_to)
+        batch = len(input_ids)
+        ids = np.full((batch, width), sp.pad, dtype=np.int64)
+        types = np.zeros((batch, width), dtype=np.int64)
+        for i, (row, row_types) in enumerate(zip(input_ids, token_type_ids, strict=True)):
+            ids[i, : len(row)] = row
+            types[i, : len(row)] = row_types
+        attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+
+        candidate = ids >= sp.first_regular  # pads, specials and unused slots are never chosen
+        n_candidates = candidate.sum(axis=1)
+        budget = np.floor(n_candidates * cfg.mlm_probability + rng.random(batch)).astype(np.int64)
+        budget = np.minimum(budget, cfg.max_predictions)
+        chosen = self._choose_words(ids, candidate, budget, rng) if cfg.whole_word else \
+            self._choose_tokens(candidate, budget, rng)
+
+        # chosen positions, ascending, padded with 0 (label -100) to the batch's most
+        n_chosen = chosen.sum(axis=1)
+        slots = max(int(n_chosen.max()), 1)
+        order = np.argsort(~chosen, axis=1, kind="stable")[:, :slots]
+        valid = np.arange(slots)[None, :] < n_chosen[:, None]
+        positions = np.where(valid, order, 0)
+        rows = np.arange(batch)[:, None]
+        labels = np.where(valid, ids[rows, positions], -100)
+
+        draw = rng.random((batch, slots))
+        to_mask = valid & (draw < cfg.mask_fraction)
+        to_random = valid & (draw >= cfg.mask_fraction) & (draw < cfg.mask_fraction + cfg.random_fraction)
+        rr, cc = np.nonzero(to_mask)
+        ids[rr, positions[rr, cc]] = sp.mask
+        rr, cc = np.nonzero(to_random)
+        ids[rr, positions[rr, cc]] = rng.integers(sp.first_regular, sp.vocab_size, size=len(rr))
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "token_type_ids": torch.from_numpy(types),
+            "attention_mask": torch.from_numpy(attention),
+            "mlm_positions": torch.from_numpy(positions),
+            "mlm_labels": torch.from_numpy(labels),
+            "next_sentence_label": torch.from_numpy(np.asarray(nsp_labels, dtype=np.int64)),
+        }
+
+    @staticmethod
+    def _choose_tokens(candidate: np.ndarray, budget: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        keys = np.where(candidate, rng.random(candidate.shape), 2.0)
+        rank = np.argsort(np.argsort(keys, axis=1), axis=1)
+        return candidate & (rank < budget[:, None])
+
+    def _choose_words(self, ids: np.ndarray, candidate: np.ndarray, budget: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        """Whole words in random order while they fit the budget; a word never splits."""
+        batch, width = ids.shape
+        after_special = np.ones_like(candidate)
+        after_special[:, 1:] = ~candidate[:, :-1]
+        starts = candidate & (~self.continuation[ids] | after_special)  # a ## piece after [SEP] starts its own
+        word = np.cumsum(starts, axis=1) - 1  # word index of every token (valid where candidate)
+        word = np.where(candidate & (word >= 0), word, width)  # non-candidates go to a dummy word
+        flat = (np.arange(batch)[:, None] * (width + 1) + word).ravel()
+        sizes = np.bincount(flat, minlength=batch * (width + 1)).reshape(batch, width + 1)
+        sizes[:, width] = 0
+        keys = np.where(sizes > 0, rng.random(sizes.shape), 2.0)
+        order = np.argsort(keys, axis=1)
+        running = np.cumsum(np.take_along_axis(sizes, order, axis=1), axis=1)
+        picked_sorted = (running <= budget[:, None]) & (np.take_along_axis(sizes, order, axis=1) > 0)
+        picked = np.zeros_like(picked_sorted)
+        np.put_along_axis(picked, order, picked_sorted, axis=1)
+        return candidate & np.take_along_axis(picked, word, axis=1)
+
+
+def continuation_flags(tokenizer) -> np.ndarray:
+    """For every vocabulary id: whether its piece is a `##` continuation (for whole-word masking)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    flags = np.zeros(len(vocab), dtype=bool)
+    for token, i in vocab.items():
+        flags[i] = token.startswith("##")
+    return flags

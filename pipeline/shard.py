@@ -1,0 +1,363 @@
+"""The shard stage: documents -> sentences -> token ids -> NSP pairs -> Parquet shards with a manifest.
+
+Work is cut into chunks: runs of consecutive documents of about `chunk_chars` characters (at least two
+documents each). A chunk is the unit of parallelism, of resume and of the NotNext pool, and its random
+draws come from a generator seeded by (seed, chunk index). So the output depends only on the inputs and the
+seed, not on how many workers or array tasks made it. Each chunk becomes a part file; a merge then cuts the
+parts, in chunk order, into shards of exactly `rows_per_shard` rows (the last one shorter) and writes the
+manifest. Everything is built under `<output_dir>.incomplete/` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from itertools import chain
+from multiprocessing import get_context
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import library_versions, sha256_json
+from pipeline.config import to_dict
+from pipeline.corpus import Corpus, CorpusConfig, Document
+from pipeline.errors import BertpipeError
+from pipeline.instances import IS_NEXT, document_instances, gather, split_sentences
+from pipeline.log import progress
+from pipeline.store import Store
+from pipeline.vocab import vocab_hash
+from tokenization import load_tokenizer, special_ids
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PARTS = "_parts"
+SCHEMA = pa.schema([
+    pa.field("input_ids", pa.list_(pa.int32())),  # [CLS] A [SEP] B [SEP], unmasked, unpadded
+    pa.field("token_type_ids", pa.list_(pa.int8())),  # 0 for [CLS] A [SEP], 1 for B [SEP]
+    pa.field("next_sentence_label", pa.int8()),  # 0: B follows A (IsNext), 1: B is from another document
+    pa.field("doc_a", pa.string()),  # id of A's document
+    pa.field("doc_b", pa.string()),  # id of B's document
+    pa.field("sent_a", pa.list_(pa.int32(), 2)),  # [first, last] sentence index of A in its document
+    pa.field("sent_b", pa.list_(pa.int32(), 2)),  # [first, last] sentence index of B in its document
+    pa.field("target_len", pa.int16()),  # the drawn target length (short with probability short_seq_prob)
+])
+
+
+@dataclass
+class ShardConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    vocab_dir: str = "build/vocab"
+    output_dir: str = "build/shards"  # any fsspec URL
+    max_seq_len: int = 128  # 512 for phase 2
+    short_seq_prob: float = 0.1  # share of instances with a random shorter target length
+    dupe_factor: int = 1  # pairings per document; 1 suffices since masking happens at load time
+    rows_per_shard: int = 8192
+    chunk_chars: int = 2_000_000  # characters per chunk: the unit of work and resume, and the NotNext pool
+    seed: int = 12345
+    workers: int = 0  # processes on this node; 0 = every core this process may use
+    compression_level: int = 3  # zstd
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.max_seq_len <= 4096:
+            raise ValueError(f"max_seq_len must be within 8..4096, not {self.max_seq_len}")
+        if not 0 <= self.short_seq_prob <= 1:
+            raise ValueError("short_seq_prob must be within 0..1")
+        if self.dupe_factor < 1 or self.rows_per_shard < 1 or self.chunk_chars < 1 or self.workers < 0:
+            raise ValueError("dupe_factor, rows_per_shard and chunk_chars must be positive, workers >= 0")
+
+    def settings(self) -> dict:
+        keys = ("max_seq_len", "short_seq_prob", "dupe_factor", "rows_per_shard", "chunk_chars", "seed")
+        return {k: getattr(self, k) for k in keys} | {"encoding_errors": self.corpus.encoding_errors,
+                                                      "format_version": FORMAT_VERSION}
+
+
+def chunks(documents: Iterator[Document], chunk_chars: int) -> Iterator[tuple[int, list[Document]]]:
+    """Consecutive documents, about `chunk_chars` characters and at least two documents per chunk."""
+    index, pending, current, size = 0, None, [], 0
+    for doc in documents:
+        current.append(doc)
+        size += len(doc.text)
+        if size >= chunk_chars and len(current) >= 2:
+            if pending is not None:
+                yield index, pending
+                index += 1
+            pending, current, size = current, [], 0
+    if pending is not None and len(current) == 1:  # a lone last document joins the chunk before it
+        pending, current = pending + current, []
+    if pending is not None:
+        yield index, pending
+        index += 1
+    if len(current) == 1:
+        raise BertpipeError("the corpus holds a single document: NotNext pairs need at least two")
+    if current:
+        yield index, current
+
+
+class ChunkBuilder:
+    """Turns one chunk of documents into a Parquet part; one per process, holding the tokenizer."""
+
+    def __init__(self, cfg: ShardConfig):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.vocab_dir)
+        self.ids = special_ids(self.tokenizer)
+
+    def build(self, index: int, docs: list[Document]) -> tuple[bytes, dict]:
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}:{index}")
+        sentences = [split_sentences(d.text) for d in docs]
+        flat_sentences = list(chain.from_iterable(sentences))
+        encoded = self.tokenizer.encode_batch_fast(flat_sentences, add_special_tokens=False)
+        token_lists = [e.ids for e in encoded]
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        flat = np.fromiter(chain.from_iterable(token_lists), dtype=np.int32, count=int(lengths.sum()))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        bounds = np.cumsum([0] + [len(s) for s in sentences])
+        starts = [offsets[bounds[d]:bounds[d + 1]] for d in range(len(docs))]
+        lens = [lengths[bounds[d]:bounds[d + 1]] for d in range(len(docs))]
+        usable = [d for d in range(len(docs)) if lens[d].sum() > 0]
+        if len(usable) < 2:
+            log.warning("chunk %d has fewer than two documents with text; it yields no instances", index)
+            usable = []
+        starts, lens = [starts[d] for d in usable], [lens[d] for d in usable]
+        instances = [inst for _ in range(cfg.dupe_factor) for d in range(len(usable))
+                     for inst in document_instances(d, starts, lens, cfg.max_seq_len, cfg.short_seq_prob, rng)]
+        rng.shuffle(instances)
+        table = self._table(flat, instances, [docs[d].id for d in usable])
+        stats = {"documents": len(docs), "sentences": len(flat_sentences), "tokens": int(lengths.sum()),
+                 "characters": sum(len(d.text) for d in docs), "instances": len(instances),
+                 "is_next": sum(x.label == IS_NEXT for x in instances)}
+        buf = io.BytesIO()
+        # parts are temporary: light compression, the shards get the configured level
+        pq.write_table(table.replace_schema_metadata({"bertpipe.stats": json.dumps(stats)}), buf,
+                       compression="zstd", compression_level=1)
+        return buf.getvalue(), stats
+
+    def _table(self, flat: np.ndarray, instances: list, doc_ids: list[str]) -> pa.Table:
+        offsets, ids, types = gather(flat, instances, self.ids.cls, self.ids.sep)
+        offsets32 = pa.array(offsets.astype(np.int32))
+
+        def pairs(key: str) -> pa.Array:
+            values = np.array([getattr(x, key) for x in instances], dtype=np.int32).reshape(-1)
+            return pa.FixedSizeListArray.from_arrays(pa.array(values, pa.int32()), 2)
+
+        return pa.Table.from_arrays([
+            pa.ListArray.from_arrays(offsets32, pa.array(ids, pa.int32())),
+            pa.ListArray.from_arrays(offsets32, pa.array(types, pa.int8())),
+            pa.array(np.array([x.label for x in instances], dtype=np.int8)),
+            pa.array([doc_ids[x.doc_a] for x in instances], pa.string()),
+            pa.array([doc_ids[x.doc_b] for x in instances], pa.string()),
+            pairs("sents_a"),
+            pairs("sents_b"),
+            pa.array(np.array([x.target for x in instances], dtype=np.int16)),
+        ], schema=SCHEMA)
+
+
+_worker: ChunkBuilder | None = None
+
+
+def _init_worker(cfg: ShardConfig) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker = ChunkBuilder(cfg)
+
+
+def _build_part(store_url: str, index: int, docs: list[Document]) -> dict:
+    data, stats = _worker.build(index, docs)
+    Store(store_url).write_bytes(f"{PARTS}/part.{index:06d}.parquet", data)
+    return stats
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
+    """Array-task coordinates from the arguments, else from SLURM's array variables, else (0, 1)."""
+    if num_tasks is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        num_tasks = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    if task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        task_index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    task_index, num_tasks = task_index or 0, num_tasks or 1
+    if not 0 <= task_index < num_tasks:
+        raise BertpipeError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    return task_index, num_tasks
+
+
+@dataclass
+class ShardPlan:
+    cfg: ShardConfig
+    out: Store
+    work: Store  # <output_dir>.incomplete
+    key: str
+    inputs: list[dict]
+    vocab_sha256: str
+
+
+def _plan(cfg: ShardConfig, corpus: Corpus) -> ShardPlan:
+    if not (os.path.isdir(cfg.vocab_dir)):
+        raise BertpipeError(f"vocab directory not found: {cfg.vocab_dir} (run `bertpipe vocab` first)")
+    vocab_sha = vocab_hash(cfg.vocab_dir)
+    inputs = corpus.fingerprint()
+    key = sha256_json({"inputs": inputs, "settings": cfg.settings(), "vocab": vocab_sha})
+    out = Store(cfg.output_dir)
+    return ShardPlan(cfg, out, Store(out.url + ".incomplete"), key, inputs, vocab_sha)
+
+
+def build_shards(cfg: ShardConfig, task_index: int | None = None, num_tasks: int | None = None,
+                 merge: bool | None = None, force: bool = False) -> str:
+    """Run the shard stage (or this array task's share of it); returns the output URL.
+
+    With several tasks, each writes its parts and a marker; `merge` (default: only when there is one task)
+    cuts the parts into shards once every task's marker is there.
+    """
+    task_index, num_tasks = _task_from_env(task_index, num_tasks)
+    merge = num_tasks == 1 if merge is None else merge
+    corpus = Corpus(cfg.corpus)
+    plan = _plan(cfg, corpus)
+    done = plan.out.read_json("manifest.json")
+    if done and done.get("key") == plan.key and not force:
+        log.info("shards in %s are up to date (inputs, vocab and settings unchanged)", plan.out.url)
+        return plan.out.url
+    _prepare_work_dir(plan, force)
+    marker = f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json"
+    if not plan.work.exists(marker) and not plan.work.exists("manifest.json"):
+        _write_parts(plan, corpus, task_index, num_tasks)
+    if merge:
+        _merge(plan, num_tasks)
+        plan.work.move_to(plan.out)
+        log.info("wrote %s", plan.out.url)
+    return plan.out.url
+
+
+def _prepare_work_dir(plan: ShardPlan, force: bool) -> None:
+    """Resume a work dir built from the same inputs and settings; start over otherwise."""
+    plan.work.makedirs(PARTS)
+    state = plan.work.read_json(f"{PARTS}/key.json")
+    if state is None or state.get("key") != plan.key or force:
+        if state is not None:
+            log.info("inputs or settings changed since the interrupted run: starting over")
+        plan.work.remove()
+        plan.work.makedirs(PARTS)
+        plan.work.write_json(f"{PARTS}/key.json", {"key": plan.key})
+    elif plan.work.listdir(PARTS):
+        log.info("resuming the interrupted run in %s", plan.work.url)
+
+
+def _write_parts(plan: ShardPlan, corpus: Corpus, task_index: int, num_tasks: int) -> None:
+    cfg, work = plan.cfg, plan.work
+    have = set(work.listdir(PARTS))
+    workers = cfg.workers or _cpu_count()
+    bar = progress(unit="chunk", desc=f"shard (task {task_index}/{num_tasks})" if num_tasks > 1 else "shard")
+    total_chunks, skipped = 0, 0
+
+    def mine() -> Iterator[tuple[int, list[Document]]]:
+        nonlocal total_chunks, skipped
+        for index, docs in chunks(corpus.documents(), cfg.chunk_chars):
+            total_chunks = index + 1
+            if index % num_tasks != task_index:
+                continue
+            if f"part.{index:06d}.parquet" in have:
+                skipped += 1
+                bar.update()
+                continue
+            yield index, docs
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers decides the parallelism
+    if workers == 1:
+        _init_worker(cfg)
+        for index, docs in mine():
+            _build_part(work.url, index, docs)
+            bar.update()
+    else:
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+            pending: set[Future] = set()
+            for index, docs in mine():
+                pending.add(pool.submit(_build_part, work.url, index, docs))
+                if len(pending) >= 2 * workers:  # bounded: at most two chunks per worker in flight
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()
+                        bar.update(1)
+            for f in pending:
+                f.result()
+                bar.update(1)
+    bar.close()
+    if skipped:
+        log.info("resumed: %d chunk(s) were already done", skipped)
+    work.write_json(f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json", {"chunks": total_chunks})
+
+
+def _merge(plan: ShardPlan, num_tasks: int) -> None:
+    """Cut the parts, in chunk order, into shards of `rows_per_shard` rows; write the manifest last."""
+    cfg, work = plan.cfg, plan.work
+    if work.exists("manifest.json"):  # interrupted after the manifest: only the rename is left
+        return
+    markers = [work.read_json(f"{PARTS}/task-{t:05d}-of-{num_tasks:05d}.json") for t in range(num_tasks)]
+    missing = [t for t, m in enumerate(markers) if m is None]
+    if missing:
+        raise BertpipeError(f"cannot merge: array task(s) {missing} of {num_tasks} have not finished")
+    total = markers[0]["chunks"]
+    start = time.perf_counter()
+    stats: dict[str, int] = {}
+    shards, buffer, buffered, shard_index = [], [], 0, 0
+
+    def flush(rows: int) -> None:
+        nonlocal buffer, buffered, shard_index
+        table = pa.concat_tables(buffer)
+        name = f"shard.{shard_index:05d}.parquet"
+        head, buffer = table.slice(0, rows), [table.slice(rows)]
+        buffered -= rows
+        if work.exists(name):  # written before an interruption; shards are deterministic
+            data = work.read_bytes(name)
+        else:
+            sink = io.BytesIO()
+            pq.write_table(head.replace_schema_metadata(None), sink, compression="zstd",
+                           compression_level=cfg.compression_level, row_group_size=min(rows, 1024))
+            data = sink.getvalue()
+            work.write_bytes(name, data)
+        shards.append({"name": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        shard_index += 1
+
+    for index in progress(range(total), unit="part", desc="merge"):
+        part = f"{PARTS}/part.{index:06d}.parquet"
+        if not work.exists(part):
+            raise BertpipeError(f"cannot merge: part {index} of {total} is missing in {work.url}")
+        table = pq.read_table(io.BytesIO(work.read_bytes(part)))
+        for k, v in json.loads(table.schema.metadata[b"bertpipe.stats"]).items():
+            stats[k] = stats.get(k, 0) + v
+        buffer.append(table)
+        buffered += table.num_rows
+        while buffered >= cfg.rows_per_shard:
+            flush(cfg.rows_per_shard)
+    if buffered:
+        flush(buffered)
+    if not shards:
+        raise BertpipeError("the corpus yielded no pretraining instances")
+    work.write_json("manifest.json", {
+        "stage": "shard",
+        "format_version": FORMAT_VERSION,
+        "key": plan.key,
+        "shards": shards,
+        "rows": sum(s["rows"] for s in shards),
+        "schema": {f.name: str(f.type) for f in SCHEMA},
+        "vocab_sha256": plan.vocab_sha256,
+        "vocab_dir": cfg.vocab_dir,
+        "inputs": plan.inputs,
+        "settings": cfg.settings(),
+        "config": to_dict(cfg),
+        "counts": stats,
+        "merge_seconds": round(time.perf_counter() - start, 3),
+        "versions": library_versions("tokenizers", "pyarrow", "blingfire"),
+    })
+    work.remove(PARTS)
