@@ -10,7 +10,7 @@ export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo vocab bench clean help
+.PHONY: setup test test-fast lint demo vocab shards bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -40,12 +40,20 @@ VOCAB_CONFIG ?= recipes/vocab/wiki.yaml
 vocab: $(STAMP)  ## build the WordPiece vocabulary (VOCAB_CONFIG=..., OVERRIDES="key=value ...")
 	$(BERTPIPE) vocab --config $(VOCAB_CONFIG) $(OVERRIDES)
 
+SHARD_CONFIG ?= recipes/shard/wiki-128.yaml
+
+shards: $(STAMP)  ## write Parquet shards (SHARD_CONFIG=..., OVERRIDES="key=value ...")
+	$(BERTPIPE) shard --config $(SHARD_CONFIG) $(OVERRIDES)
+
 # ---- the demo: the embedded default, on the CPU -------------------------------------------------------
 demo: $(STAMP)  ## run the pipeline on the embedded default (Python's own documentation), no network, no data dir
 	$(BERTPIPE) vocab --config recipes/vocab/demo.yaml output_dir=$(BUILD)/demo/vocab
+	$(BERTPIPE) shard --config recipes/shard/demo.yaml vocab_dir=$(BUILD)/demo/vocab output_dir=$(BUILD)/demo/shards
 
 bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/vocab.py
+	$(BIN)/python bench/shard.py
+	$(BIN)/python bench/collate.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)

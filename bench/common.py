@@ -37,3 +37,25 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def ensure_wiki_vocab() -> Path:
+    """build/vocab/wiki (the 30k recipe), built once if missing."""
+    out = ROOT / "build" / "vocab" / "wiki"
+    if not (out / "vocab.txt").exists():
+        from pipeline.cli import main as bertpipe
+
+        bertpipe(["vocab", "--config", str(ROOT / "recipes/vocab/wiki.yaml"), f"output_dir={out}", "--quiet"])
+    return out
+
+
+def ensure_wiki_shards() -> Path:
+    """build/shards/wiki-128 (the phase-1 recipe), built once if missing."""
+    vocab = ensure_wiki_vocab()
+    out = ROOT / "build" / "shards" / "wiki-128"
+    if not (out / "manifest.json").exists():
+        from pipeline.cli import main as bertpipe
+
+        bertpipe(["shard", "--config", str(ROOT / "recipes/shard/wiki-128.yaml"), f"vocab_dir={vocab}",
+                  f"output_dir={out}", "--quiet"])
+    return out

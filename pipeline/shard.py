@@ -10,15 +10,18 @@ manifest. Everything is built under `<output_dir>.incomplete/` and renamed into 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from multiprocessing import get_context
@@ -62,7 +65,7 @@ class ShardConfig:
     short_seq_prob: float = 0.1  # share of instances with a random shorter target length
     dupe_factor: int = 1  # pairings per document; 1 suffices since masking happens at load time
     rows_per_shard: int = 8192
-    chunk_chars: int = 2_000_000  # characters per chunk: the unit of work and resume, and the NotNext pool
+    chunk_chars: int = 1_000_000  # characters per chunk: the unit of work and resume, and the NotNext pool
     seed: int = 12345
     workers: int = 0  # processes on this node; 0 = every core this process may use
     compression_level: int = 3  # zstd
@@ -162,19 +165,45 @@ class ChunkBuilder:
         ], schema=SCHEMA)
 
 
-_worker: ChunkBuilder | None = None
+def _watch_parent() -> None:
+    """Exit when the parent dies (kill -9, OOM): a worker must not outlive the run that started it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
-def _init_worker(cfg: ShardConfig) -> None:
-    global _worker
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker = ChunkBuilder(cfg)
+_done_queue = None  # in a worker process: where it reports each finished chunk to the parent's progress bar
 
 
-def _build_part(store_url: str, index: int, docs: list[Document]) -> dict:
-    data, stats = _worker.build(index, docs)
-    Store(store_url).write_bytes(f"{PARTS}/part.{index:06d}.parquet", data)
-    return stats
+def _init_worker(done) -> None:
+    global _done_queue
+    _done_queue = done
+    _watch_parent()
+
+
+def _run_worker(cfg: ShardConfig, work_url: str, lane: int, lanes: int, have: set[str]) -> int:
+    """Build the parts of every chunk `c` with `c % lanes == lane` that is not in `have`.
+
+    Every worker reads the whole document stream itself (about 100 MB/s) to find the chunk boundaries and
+    tokenizes only its own chunks, so nothing is shipped between processes. Returns the number of chunks.
+    """
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers sets the parallelism
+    builder, store, total = ChunkBuilder(cfg), Store(work_url), 0
+    for index, docs in chunks(Corpus(cfg.corpus).documents(), cfg.chunk_chars):
+        total = index + 1
+        name = f"part.{index:06d}.parquet"
+        if index % lanes != lane or name in have:
+            continue
+        data, _ = builder.build(index, docs)
+        store.write_bytes(f"{PARTS}/{name}", data)
+        if _done_queue is not None:
+            _done_queue.put(1)
+    return total
 
 
 def _cpu_count() -> int:
@@ -231,7 +260,7 @@ def build_shards(cfg: ShardConfig, task_index: int | None = None, num_tasks: int
     _prepare_work_dir(plan, force)
     marker = f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json"
     if not plan.work.exists(marker) and not plan.work.exists("manifest.json"):
-        _write_parts(plan, corpus, task_index, num_tasks)
+        _write_parts(plan, task_index, num_tasks)
     if merge:
         _merge(plan, num_tasks)
         plan.work.move_to(plan.out)
@@ -253,49 +282,29 @@ def _prepare_work_dir(plan: ShardPlan, force: bool) -> None:
         log.info("resuming the interrupted run in %s", plan.work.url)
 
 
-def _write_parts(plan: ShardPlan, corpus: Corpus, task_index: int, num_tasks: int) -> None:
+def _write_parts(plan: ShardPlan, task_index: int, num_tasks: int) -> None:
+    """This task's parts: chunk c belongs to task c % num_tasks, and to worker (c // num_tasks) % workers."""
     cfg, work = plan.cfg, plan.work
     have = set(work.listdir(PARTS))
+    if have - {"key.json"}:
+        log.info("resuming: %d part(s) already done", sum(n.startswith("part.") for n in have))
     workers = cfg.workers or _cpu_count()
-    bar = progress(unit="chunk", desc=f"shard (task {task_index}/{num_tasks})" if num_tasks > 1 else "shard")
-    total_chunks, skipped = 0, 0
-
-    def mine() -> Iterator[tuple[int, list[Document]]]:
-        nonlocal total_chunks, skipped
-        for index, docs in chunks(corpus.documents(), cfg.chunk_chars):
-            total_chunks = index + 1
-            if index % num_tasks != task_index:
-                continue
-            if f"part.{index:06d}.parquet" in have:
-                skipped += 1
-                bar.update()
-                continue
-            yield index, docs
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers decides the parallelism
-    if workers == 1:
-        _init_worker(cfg)
-        for index, docs in mine():
-            _build_part(work.url, index, docs)
-            bar.update()
-    else:
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
-            pending: set[Future] = set()
-            for index, docs in mine():
-                pending.add(pool.submit(_build_part, work.url, index, docs))
-                if len(pending) >= 2 * workers:  # bounded: at most two chunks per worker in flight
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        f.result()
-                        bar.update(1)
-            for f in pending:
-                f.result()
-                bar.update(1)
-    bar.close()
-    if skipped:
-        log.info("resumed: %d chunk(s) were already done", skipped)
-    work.write_json(f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json", {"chunks": total_chunks})
+    lanes = num_tasks * workers
+    desc = f"shard (task {task_index}/{num_tasks})" if num_tasks > 1 else "shard"
+    with progress(unit="chunk", desc=desc) as bar:
+        if workers == 1:
+            total = _run_worker(cfg, work.url, task_index, lanes, have)
+        else:
+            ctx = get_context("spawn")
+            done = ctx.Queue()
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(done,)) as pool:
+                futures = [pool.submit(_run_worker, cfg, work.url, task_index + w * num_tasks, lanes, have)
+                           for w in range(workers)]
+                while not all(f.done() for f in futures):
+                    with contextlib.suppress(queue.Empty):
+                        bar.update(done.get(timeout=0.5))
+                total = max(f.result() for f in futures)
+    work.write_json(f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json", {"chunks": total})
 
 
 def _merge(plan: ShardPlan, num_tasks: int) -> None:

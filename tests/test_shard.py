@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import shard_config
@@ -129,8 +130,11 @@ def test_kill_9_at_random_points_then_rerun_is_byte_identical(wiki_files, wiki_v
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(2.0, 4.0))
         if proc.poll() is None:
+            workers = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGKILL)
             kills += 1
+            _, alive = psutil.wait_procs(workers, timeout=10)
+            assert not alive, "worker processes outlived their killed parent"
         proc.wait()
         _check_no_partial_files(out)
     assert kills >= 2, "the run finished before it could be killed"
