@@ -24,6 +24,8 @@ log = logging.getLogger("bertpipe")
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("build a WordPiece vocabulary from a corpus", "pipeline.cli:vocab_command"),
     "shard": ("sentence-split, tokenize and write NSP/MLM-ready Parquet shards", "pipeline.cli:shard_command"),
+    "model-info": ("print the size and parameter count of the BERT presets", "pipeline.model_cli:model_info_command"),
+    "export": ("write a checkpoint in HF transformers format", "pipeline.model_cli:export_command"),
 }
 
 
