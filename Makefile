@@ -10,7 +10,7 @@ export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo vocab shards bench clean help
+.PHONY: setup test test-fast lint demo vocab shards pretrain bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -45,15 +45,27 @@ SHARD_CONFIG ?= recipes/shard/wiki-128.yaml
 shards: $(STAMP)  ## write Parquet shards (SHARD_CONFIG=..., OVERRIDES="key=value ...")
 	$(BERTPIPE) shard --config $(SHARD_CONFIG) $(OVERRIDES)
 
+PRETRAIN_CONFIG ?= recipes/pretrain/tiny-cpu.yaml
+NPROC ?= 1
+
+pretrain: $(STAMP)  ## pretrain BERT (PRETRAIN_CONFIG=..., NPROC=ranks on this node, OVERRIDES=...)
+	if [ "$(NPROC)" = 1 ]; then $(BERTPIPE) pretrain --config $(PRETRAIN_CONFIG) $(OVERRIDES); \
+	else $(BIN)/torchrun --nproc_per_node $(NPROC) $(BERTPIPE) pretrain --config $(PRETRAIN_CONFIG) $(OVERRIDES); fi
+
 # ---- the demo: the embedded default, on the CPU -------------------------------------------------------
 demo: $(STAMP)  ## run the pipeline on the embedded default (Python's own documentation), no network, no data dir
 	$(BERTPIPE) vocab --config recipes/vocab/demo.yaml output_dir=$(BUILD)/demo/vocab
 	$(BERTPIPE) shard --config recipes/shard/demo.yaml vocab_dir=$(BUILD)/demo/vocab output_dir=$(BUILD)/demo/shards
+	$(BERTPIPE) pretrain --config recipes/pretrain/tiny-cpu.yaml data.shards=$(BUILD)/demo/shards \
+		data.vocab_dir=$(BUILD)/demo/vocab run_dir=$(BUILD)/demo/pretrain
+	$(BERTPIPE) plot $(BUILD)/demo/pretrain
 
 bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/vocab.py
 	$(BIN)/python bench/shard.py
 	$(BIN)/python bench/collate.py
+	$(BIN)/python bench/model_cpu.py
+	$(BIN)/python bench/pretrain.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)

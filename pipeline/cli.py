@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -24,6 +25,11 @@ log = logging.getLogger("bertpipe")
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("build a WordPiece vocabulary from a corpus", "pipeline.cli:vocab_command"),
     "shard": ("sentence-split, tokenize and write NSP/MLM-ready Parquet shards", "pipeline.cli:shard_command"),
+    "pretrain": ("pretrain BERT (MLM + NSP) under DeepSpeed", "pipeline.cli:pretrain_command"),
+    "plot": ("draw a run's loss and throughput curves to PNG", "pipeline.cli:plot_command"),
+    "finetune": ("fine-tune on SST-2, Rotten Tomatoes, CoNLL-2003 NER or UD POS (Lightning)",
+                 "recipes.base:finetune_command"),
+    "predict": ("label texts with a finished finetune run", "recipes.predict:predict_command"),
     "model-info": ("print the size and parameter count of the BERT presets", "pipeline.model_cli:model_info_command"),
     "export": ("write a checkpoint in HF transformers format", "pipeline.model_cli:export_command"),
 }
@@ -93,6 +99,32 @@ def shard_command(argv: list[str]) -> int:
     overrides = args.overrides + ([f"workers={args.workers}"] if args.workers is not None else [])
     cfg = load_config(ShardConfig, args.config, overrides)
     print(build_shards(cfg, args.task_index, args.num_tasks, merge=args.merge, force=args.force))
+    return 0
+
+
+def pretrain_command(argv: list[str]) -> int:
+    from pipeline.pretrain import EXIT_PREEMPTED, PretrainConfig, pretrain
+
+    parser = config_parser("pretrain", "Pretrain BERT with MLM and NSP under DeepSpeed (ZeRO, bf16/fp16). "
+                           "Launch with torchrun, deepspeed, srun or as one process; rerun to resume. "
+                           f"Exit code {EXIT_PREEMPTED} means stopped by SIGTERM/SIGUSR1 after a checkpoint.",
+                           PretrainConfig)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_intermixed_args(argv)
+    setup_logging(args.quiet or int(os.environ.get("RANK", "0")) > 0)
+    return pretrain(load_config(PretrainConfig, args.config, args.overrides))
+
+
+def plot_command(argv: list[str]) -> int:
+    from pipeline.plot import plot_run
+
+    parser = argparse.ArgumentParser(prog="bertpipe plot", description="Draw loss and throughput curves of a "
+                                     "pretraining run (its metrics.jsonl) to RUN_DIR/plots/*.png.")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    setup_logging()
+    for path in plot_run(args.run_dir):
+        print(path)
     return 0
 
 

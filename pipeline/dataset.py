@@ -192,9 +192,12 @@ class PretrainingLoader:
             workers=self.workers, seed=self.seed, shuffle_buffer=self.shuffle_buffer, epochs=self.epochs,
             served=dict(self.served), shift=self.consumed % max(self.workers, 1),
         )
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which
+        # would shift dropout after a resume
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
-                            persistent_workers=False, multiprocessing_context="fork" if self.workers else None)
+                            persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.served[int(batch["stream"])] = int(batch["batch_index"]) + 1
             self.consumed += 1

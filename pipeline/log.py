@@ -25,7 +25,7 @@ def setup_logging(quiet: bool = False, level: int = logging.INFO) -> None:
     )
 
 
-def progress(iterable: Iterable[T] | None = None, **kwargs) -> Iterator[T] | tqdm:
+def progress(iterable: Iterable[T] | None = None, disable: bool = False, **kwargs) -> Iterator[T] | tqdm:
     """A tqdm bar on stderr, hidden under --quiet or when stderr is not a terminal and nobody asked."""
-    disable = _quiet or (not sys.stderr.isatty() and os.environ.get("BERTPIPE_PROGRESS") != "1")
+    disable = disable or _quiet or (not sys.stderr.isatty() and os.environ.get("BERTPIPE_PROGRESS") != "1")
     return tqdm(iterable, disable=disable, dynamic_ncols=True, mininterval=1.0, **kwargs)
