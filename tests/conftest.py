@@ -75,3 +75,19 @@ def wiki_shards(wiki_files, wiki_vocab, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "wiki128"
     build_shards(shard_config(wiki_files[20:30], wiki_vocab, str(out), "rows_per_shard=4096"))
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real slurmctld + slurmd on localhost for the session (skips where root or apt is missing)."""
+    from slurm_cluster import Cluster, Unavailable
+
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Unavailable as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"SLURM tests must run in CI: {err}")
+        pytest.skip(f"SLURM tests skipped: {err}")
+    yield cluster
+    cluster.stop()
