@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("fine-tune on SST-2, Rotten Tomatoes, CoNLL-2003 NER or UD POS (Lightning)",
                  "recipes.base:finetune_command"),
     "predict": ("label texts with a finished finetune run", "recipes.predict:predict_command"),
+    "generate": ("write sentences with a label-conditioned RNN language model run", "recipes.rnn:generate_command"),
+    "leaderboard": ("gather every results.json under a folder into one table and chart",
+                    "pipeline.cli:leaderboard_command"),
     "model-info": ("print the size and parameter count of the BERT presets", "pipeline.model_cli:model_info_command"),
     "export": ("write a checkpoint in HF transformers format", "pipeline.model_cli:export_command"),
 }
@@ -125,6 +128,22 @@ def plot_command(argv: list[str]) -> int:
     setup_logging()
     for path in plot_run(args.run_dir):
         print(path)
+    return 0
+
+
+def leaderboard_command(argv: list[str]) -> int:
+    from pipeline.leaderboard import write_leaderboard
+
+    parser = argparse.ArgumentParser(prog="bertpipe leaderboard", description="Gather every results.json under "
+                                     "RUNS_DIR into leaderboard.md, leaderboard.csv and leaderboard.png.")
+    parser.add_argument("runs_dir")
+    parser.add_argument("--out", help="where to write them (default: RUNS_DIR)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    paths = write_leaderboard(args.runs_dir, args.out)
+    if not args.quiet:
+        print(paths[0].read_text(), end="")
     return 0
 
 

@@ -11,6 +11,10 @@ from pipeline.cli import main
 from pipeline.log import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
+# nothing here may reach a hub or W&B's servers: the tests run offline
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
 
 
 def data_dir() -> Path:
