@@ -10,7 +10,7 @@ export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo vocab shards pretrain bench clean help
+.PHONY: setup test test-fast lint demo vocab shards pretrain finetune leaderboard bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -52,6 +52,14 @@ pretrain: $(STAMP)  ## pretrain BERT (PRETRAIN_CONFIG=..., NPROC=ranks on this n
 	if [ "$(NPROC)" = 1 ]; then $(BERTPIPE) pretrain --config $(PRETRAIN_CONFIG) $(OVERRIDES); \
 	else $(BIN)/torchrun --nproc_per_node $(NPROC) $(BERTPIPE) pretrain --config $(PRETRAIN_CONFIG) $(OVERRIDES); fi
 
+FINETUNE_CONFIG ?= recipes/finetune/sst2.yaml
+
+finetune: $(STAMP)  ## fine-tune a recipe (FINETUNE_CONFIG=..., OVERRIDES="key=value ...")
+	$(BERTPIPE) finetune --config $(FINETUNE_CONFIG) $(OVERRIDES)
+
+leaderboard: $(STAMP)  ## gather every results.json under build/runs into build/runs/leaderboard.*
+	$(BERTPIPE) leaderboard $(BUILD)/runs
+
 # ---- the demo: the embedded default, on the CPU -------------------------------------------------------
 demo: $(STAMP)  ## run the pipeline on the embedded default (Python's own documentation), no network, no data dir
 	$(BERTPIPE) vocab --config recipes/vocab/demo.yaml output_dir=$(BUILD)/demo/vocab
@@ -66,6 +74,7 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/collate.py
 	$(BIN)/python bench/model_cpu.py
 	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/finetune.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)
