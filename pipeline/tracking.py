@@ -58,11 +58,14 @@ class Tracker:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id + "\n")
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(
-                mode=cfg.wandb, dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=cfg.group,
-                name=cfg.run_name or Path(run_dir).name, id=run_id, resume="allow",
-                config=without_secrets(config),
-            )
+            try:
+                self.run = wandb.init(
+                    mode=cfg.wandb, dir=str(run_dir), project=cfg.project, entity=cfg.entity, group=cfg.group,
+                    name=cfg.run_name or Path(run_dir).name, id=run_id, resume="allow",
+                    config=without_secrets(config),
+                )
+            except Exception as err:  # tracking must never stop a training run: metrics.jsonl still has it all
+                log.warning("W&B did not start (%s: %s); metrics go to %s only", type(err).__name__, err, self.path)
 
     def log(self, metrics: dict, step: int, event: str = "train") -> None:
         if not self.enabled:
