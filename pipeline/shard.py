@@ -295,7 +295,7 @@ def _write_parts(plan: ShardPlan, task_index: int, num_tasks: int) -> None:
         if workers == 1:
             total = _run_worker(cfg, work.url, task_index, lanes, have)
         else:
-            ctx = get_context("spawn")
+            ctx = get_context("fork")  # the parent holds no threads yet; fork skips re-importing in every worker
             done = ctx.Queue()
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(done,)) as pool:
                 futures = [pool.submit(_run_worker, cfg, work.url, task_index + w * num_tasks, lanes, have)
