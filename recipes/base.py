@@ -306,7 +306,7 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._start
-        self.examples += batch["input_ids"].size(0) * trainer.world_size
+        self.examples += len(next(iter(batch.values()))) * trainer.world_size  # any batch dict: rows of its tensors
 
     @property
     def rate(self) -> float:
@@ -400,7 +400,8 @@ def _trainer(cfg: FinetuneConfig, spec: TaskSpec, work: Path, main: bool, callba
     t = cfg.trainer
     if t.checkpoint:
         callbacks = [*callbacks, ModelCheckpoint(work / "checkpoints", filename="best-step{step}", save_last=True,
-                                                 monitor=f"dev/{spec.main_metric}", mode="max",
+                                                 monitor=f"dev/{spec.main_metric}",
+                                                 mode="max" if spec.higher_is_better else "min",
                                                  auto_insert_metric_name=False)]
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=PRECISION[t.precision],
@@ -445,9 +446,11 @@ def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) ->
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     kind = model_kind(cfg.model.kind)
     built = kind.build(cfg, spec)
-    data = TaskDataModule(splits, built.encoder, cfg.task.max_len, cfg.trainer.batch_size, cfg.trainer.num_workers)
-    # a kind that is not a classifier or tagger (the RNN language model) brings its own module: a TaskModule
-    # subclass with the same evaluate() and a dev metric named like the task's main one
+    # a kind whose examples are not texts to label (images, sentence pairs) brings its own data module, with the
+    # same loader(split); a kind that is not a classifier or tagger (a language model, a translator, an
+    # autoencoder) brings its own module: a TaskModule subclass with evaluate() and the task's main dev metric
+    data = (kind.data_module(splits, built, cfg) if hasattr(kind, "data_module") else
+            TaskDataModule(splits, built.encoder, cfg.task.max_len, cfg.trainer.batch_size, cfg.trainer.num_workers))
     module = kind.task_module(built, spec, cfg) if hasattr(kind, "task_module") else TaskModule(built.net, spec,
                                                                                                   cfg.trainer)
     throughput = Throughput()
@@ -472,6 +475,7 @@ def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) ->
         "task": spec.name,
         "split": "dev",
         "main_metric": spec.main_metric,  # what the leaderboard ranks this task by
+        "higher_is_better": spec.higher_is_better,
         "metrics": evaluated["dev"],
         "splits": evaluated,  # every evaluated split: dev, and test where the task has one
         "model": built.describe,

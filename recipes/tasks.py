@@ -181,6 +181,7 @@ class TaskSpec:
     suffixes: tuple[str, ...] = ("",)  # the files a configured path stands for
     scheme: str | None = None  # "iob2": entity-level precision/recall/F1 (seqeval)
     default_tag: str | None = None  # the tag of words cut off by max_len (they still count in the metrics)
+    higher_is_better: bool = True  # of main_metric (False for a reconstruction error)
 
     def read(self, path: str | Path) -> list:
         return [ex for suffix in self.suffixes for ex in self.reader(Path(f"{path}{suffix}"), self)]
