@@ -10,7 +10,7 @@ export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo vocab shards pretrain finetune leaderboard bench clean help
+.PHONY: setup test test-fast lint demo vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -34,39 +34,88 @@ test: lint  ## ruff + the whole test suite
 test-fast: lint  ## ruff + the tests not marked slow
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-# ---- stages --------------------------------------------------------------------------------------------
-VOCAB_CONFIG ?= recipes/vocab/wiki.yaml
-
-vocab: $(STAMP)  ## build the WordPiece vocabulary (VOCAB_CONFIG=..., OVERRIDES="key=value ...")
-	$(BERTPIPE) vocab --config $(VOCAB_CONFIG) $(OVERRIDES)
-
-SHARD_CONFIG ?= recipes/shard/wiki-128.yaml
-
-shards: $(STAMP)  ## write Parquet shards (SHARD_CONFIG=..., OVERRIDES="key=value ...")
-	$(BERTPIPE) shard --config $(SHARD_CONFIG) $(OVERRIDES)
-
-PRETRAIN_CONFIG ?= recipes/pretrain/tiny-cpu.yaml
+# ---- the pipeline: one target per stage, rebuilt only when stale ----------------------------------------
+# A profile (recipes/pipeline/*.sh, the same file slurm/submit_pipeline.sh reads) names each stage's recipe,
+# overrides and corpus files; outputs go to $(BUILD)/<profile>/. Each stage's output depends on its recipe,
+# its inputs (corpus files, the previous stage's output) and its command line (kept in .make/<stage>, rewritten
+# only when it changes), so editing the corpus or the vocab settings rebuilds the vocabulary, the shards and
+# everything after them, and an unchanged tree does nothing. The stages also skip work whose inputs and
+# settings they find unchanged; `touch`ing an output records that make asked.
+PROFILE ?= recipes/pipeline/bert-base.sh
+PIPE := $(BUILD)/$(basename $(notdir $(PROFILE)))
+STAGES := vocab shards pretrain finetune baselines leaderboard pipeline
 NPROC ?= 1
 
-pretrain: $(STAMP)  ## pretrain BERT (PRETRAIN_CONFIG=..., NPROC=ranks on this node, OVERRIDES=...)
-	if [ "$(NPROC)" = 1 ]; then $(BERTPIPE) pretrain --config $(PRETRAIN_CONFIG) $(OVERRIDES); \
-	else $(BIN)/torchrun --nproc_per_node $(NPROC) $(BERTPIPE) pretrain --config $(PRETRAIN_CONFIG) $(OVERRIDES); fi
+ifneq ($(filter $(STAGES),$(MAKECMDGOALS)),)
+$(PIPE)/.make/profile.mk: $(PROFILE) recipes/pipeline/load.sh
+	@mkdir -p $(@D)
+	bash recipes/pipeline/load.sh $(PROFILE) > $@.tmp && mv $@.tmp $@
+include $(PIPE)/.make/profile.mk
+endif
 
-FINETUNE_CONFIG ?= recipes/finetune/sst2.yaml
+# remember NAME TEXT: $(PIPE)/.make/NAME holds TEXT, rewritten (newer) only when TEXT changes
+remember = $(shell mkdir -p $(PIPE)/.make && f=$(PIPE)/.make/$(1) && t='$(2)' && \
+	{ [ "$$(cat $$f 2>/dev/null)" = "$$t" ] || printf '%s' "$$t" > $$f; })
+name = $(basename $(notdir $(1)))
 
-finetune: $(STAMP)  ## fine-tune a recipe (FINETUNE_CONFIG=..., OVERRIDES="key=value ...")
-	$(BERTPIPE) finetune --config $(FINETUNE_CONFIG) $(OVERRIDES)
+VOCAB_DIR := $(PIPE)/vocab
+SHARDS_DIR := $(PIPE)/shards
+PRETRAIN_DIR := $(PIPE)/pretrain
+RUNS_DIR := $(PIPE)/runs
+VOCAB_ARGS = --config $(VOCAB_CONFIG) output_dir=$(VOCAB_DIR) $(VOCAB_OVERRIDES)
+SHARD_ARGS = --config $(SHARD_CONFIG) vocab_dir=$(VOCAB_DIR) output_dir=$(SHARDS_DIR) $(SHARD_OVERRIDES)
+PRETRAIN_ARGS = --config $(PRETRAIN_CONFIG) data.shards=$(SHARDS_DIR) data.vocab_dir=$(VOCAB_DIR) \
+	run_dir=$(PRETRAIN_DIR) $(PRETRAIN_OVERRIDES)
+FINETUNE_RESULTS = $(foreach c,$(FINETUNE_CONFIGS),$(RUNS_DIR)/$(call name,$(c))/results.json)
+BASELINE_RESULTS = $(foreach c,$(BASELINE_CONFIGS),$(RUNS_DIR)/$(call name,$(c))/results.json)
 
-leaderboard: $(STAMP)  ## gather every results.json under build/runs into build/runs/leaderboard.*
-	$(BERTPIPE) leaderboard $(BUILD)/runs
+vocab: $(VOCAB_DIR)/manifest.json  ## build the WordPiece vocabulary (PROFILE=recipes/pipeline/<name>.sh)
+shards: $(SHARDS_DIR)/manifest.json  ## write Parquet shards
+pretrain: $(PRETRAIN_DIR)/export/config.json  ## pretrain BERT (NPROC=ranks on this node)
+finetune: $(FINETUNE_RESULTS)  ## fine-tune BERT on the profile's tasks
+baselines: $(BASELINE_RESULTS)  ## train the profile's RNN baselines
+pipeline: leaderboard  ## every stage of PROFILE, then the leaderboard
+leaderboard: $(RUNS_DIR)/leaderboard.md  ## one table of every run under $(BUILD)/<profile>/runs
+
+$(VOCAB_DIR)/manifest.json: $(VOCAB_CONFIG) $(CORPUS_FILES) $(PIPE)/.make/vocab | $(STAMP)
+	$(BERTPIPE) vocab $(VOCAB_ARGS)
+	touch $@
+
+$(SHARDS_DIR)/manifest.json: $(SHARD_CONFIG) $(CORPUS_FILES) $(VOCAB_DIR)/manifest.json $(PIPE)/.make/shards | $(STAMP)
+	$(BERTPIPE) shard $(SHARD_ARGS)
+	touch $@
+
+# a stale finished run is kept as <run>.previous; an unfinished one resumes from its last checkpoint
+$(PRETRAIN_DIR)/export/config.json: $(PRETRAIN_CONFIG) $(SHARDS_DIR)/manifest.json $(PIPE)/.make/pretrain | $(STAMP)
+	if [ -e $@ ]; then rm -rf $(PRETRAIN_DIR).previous && mv $(PRETRAIN_DIR) $(PRETRAIN_DIR).previous; fi
+	if [ "$(NPROC)" = 1 ]; then $(BERTPIPE) pretrain $(PRETRAIN_ARGS); \
+	else $(BIN)/torchrun --nproc_per_node $(NPROC) $(BERTPIPE) pretrain $(PRETRAIN_ARGS); fi
+	$(BERTPIPE) plot $(PRETRAIN_DIR)
+
+# run CONFIG INPUT OVERRIDES: the rule of one fine-tuning or baseline run
+define run_rule
+$(call remember,$(call name,$(1)),--config $(1) $(3))
+$(RUNS_DIR)/$(call name,$(1))/results.json: $(1) $(2) $(PIPE)/.make/$(call name,$(1)) | $(STAMP)
+	$(BERTPIPE) finetune --config $(1) run_dir=$$(@D) $(3) --force
+endef
+
+ifneq ($(filter $(STAGES),$(MAKECMDGOALS)),)
+$(call remember,vocab,$(VOCAB_ARGS))
+$(call remember,shards,$(SHARD_ARGS))
+$(call remember,pretrain,$(PRETRAIN_ARGS))
+$(foreach c,$(FINETUNE_CONFIGS),$(eval $(call run_rule,$(c),$(PRETRAIN_DIR)/export/config.json,\
+	model.encoder=$(PRETRAIN_DIR) $(FINETUNE_OVERRIDES))))
+$(foreach c,$(BASELINE_CONFIGS),$(eval $(call run_rule,$(c),$(VOCAB_DIR)/manifest.json,\
+	model.vocab_dir=$(VOCAB_DIR) $(BASELINE_OVERRIDES))))
+endif
+
+$(RUNS_DIR)/leaderboard.md: $(FINETUNE_RESULTS) $(BASELINE_RESULTS) | $(STAMP)
+	$(BERTPIPE) leaderboard $(RUNS_DIR)
 
 # ---- the demo: the embedded default, on the CPU -------------------------------------------------------
-demo: $(STAMP)  ## run the pipeline on the embedded default (Python's own documentation), no network, no data dir
-	$(BERTPIPE) vocab --config recipes/vocab/demo.yaml output_dir=$(BUILD)/demo/vocab
-	$(BERTPIPE) shard --config recipes/shard/demo.yaml vocab_dir=$(BUILD)/demo/vocab output_dir=$(BUILD)/demo/shards
-	$(BERTPIPE) pretrain --config recipes/pretrain/tiny-cpu.yaml data.shards=$(BUILD)/demo/shards \
-		data.vocab_dir=$(BUILD)/demo/vocab run_dir=$(BUILD)/demo/pretrain
-	$(BERTPIPE) plot $(BUILD)/demo/pretrain
+demo: $(STAMP)  ## the whole pipeline on the embedded default (Python's docs) on the CPU; SST-2 if DATA_DIR has it
+	$(MAKE) --no-print-directory pipeline PROFILE=recipes/pipeline/demo.sh
+	@cat $(BUILD)/demo/runs/leaderboard.md
 
 bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/vocab.py

@@ -121,13 +121,20 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
+    def states(self, job_id: str) -> list[str]:
+        """The JobState of a job, or of every task of an array job (one line each in `scontrol show job`)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return [item.split("=", 1)[1] for line in out.splitlines() for item in line.split()
+                if item.startswith("JobState=")]
+
     def wait(self, job_ids: list[str], states=("COMPLETED",), timeout: float = 900) -> dict[str, str]:
-        """Wait until every job is in a final state; return each one's state."""
+        """Wait until every job (every task of an array) is in a final state; return each job's state: the
+        first task's state that is not COMPLETED, else COMPLETED."""
         final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
         deadline = time.time() + timeout
         while time.time() < deadline:
-            states_now = {j: self.job(j).get("JobState", "?") for j in job_ids}
-            if all(s in final for s in states_now.values()):
-                return states_now
+            now = {j: self.states(j) or ["?"] for j in job_ids}
+            if all(s in final for tasks in now.values() for s in tasks):
+                return {j: next((s for s in tasks if s != "COMPLETED"), "COMPLETED") for j, tasks in now.items()}
             time.sleep(1)
-        raise TimeoutError(f"jobs still not finished: {states_now}")
+        raise TimeoutError(f"jobs still not finished: {now}")

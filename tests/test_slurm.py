@@ -64,3 +64,40 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm,
     assert sorted(got) == list(range(1, 151))
     assert abs(got[150] - want[150]) <= 1e-6, (got[150], want[150])
     assert os.path.exists(run_dir / "config.yaml")
+
+
+def test_submit_pipeline_runs_the_demo_as_chained_jobs_that_all_complete(slurm, data, tmp_path):
+    """slurm/submit_pipeline.sh on the demo profile (shorter: 60 steps, 600 examples): every job COMPLETED,
+    every stage's output in place, one log per job, the leaderboard ranks the four runs."""
+    import subprocess
+
+    build = tmp_path / "demo"
+    env = {**slurm.env, "BERTPIPE": str(BIN / "bertpipe"), "DATA_DIR": str(data), "CPUS_PER_TASK": "1",
+           "PRETRAIN_OVERRIDES": "max_steps=60 eval_every=0 checkpoint_every=30 track.wandb=offline",
+           "FINETUNE_OVERRIDES": "task.max_train=600 task.max_eval=200 task.max_len=48 trainer.max_epochs=1 "
+                                 "trainer.lr=2e-4 trainer.accelerator=cpu track.wandb=disabled",
+           "BASELINE_OVERRIDES": "task.max_train=600 task.max_eval=200 task.max_len=48 trainer.max_epochs=1 "
+                                 "trainer.accelerator=cpu track.wandb=disabled"}
+    sub = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "recipes/pipeline/demo.sh", "--build",
+                          str(build), "--time", "01:00:00"], capture_output=True, text=True, env=env)
+    assert sub.returncode == 0, sub.stderr
+    jobs = dict(line.split() for line in sub.stdout.splitlines())
+    assert list(jobs) == ["vocab", "shard", "shard-merge", "pretrain", "finetune", "baselines", "leaderboard"]
+    dependency = slurm.job(jobs["pretrain"]).get("Dependency", "")
+    assert jobs["shard-merge"] in dependency or dependency == "(null)"  # (null) once the merge has finished
+    states = slurm.wait(list(jobs.values()), timeout=1200)
+    logs = sorted(p.name for p in (build / "logs").iterdir())
+    assert states == dict.fromkeys(jobs.values(), "COMPLETED"), (states, logs, _tails(build / "logs"))
+    assert (build / "vocab" / "manifest.json").is_file() and (build / "shards" / "manifest.json").is_file()
+    assert (build / "pretrain" / "export" / "model.safetensors").is_file()
+    assert max(train_losses(build / "pretrain")) == 60
+    runs = ["sst2", "sst2-lstm", "sst2-bilstm", "sst2-gru"]
+    for run in runs:
+        assert (build / "runs" / run / "results.json").is_file(), run
+    board = (build / "runs" / "leaderboard.md").read_text()
+    assert sum(f"| {run} |" in board for run in runs) == 4, board
+    assert len(logs) == 9  # vocab, the shard task, merge, pretrain, the finetune task, 3 baselines, leaderboard
+
+
+def _tails(logs: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-800:]}" for p in sorted(logs.iterdir()))
