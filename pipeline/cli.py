@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "recipes.base:finetune_command"),
     "predict": ("label texts with a finished finetune run", "recipes.predict:predict_command"),
     "generate": ("write sentences with a label-conditioned RNN language model run", "recipes.rnn:generate_command"),
+    "translate": ("translate sentences with a finished seq2seq run (beam search or greedy)",
+                  "recipes.seq2seq:translate_command"),
     "leaderboard": ("gather every results.json under a folder into one table and chart",
                     "pipeline.cli:leaderboard_command"),
     "model-info": ("print the size and parameter count of the BERT presets", "pipeline.model_cli:model_info_command"),

@@ -53,7 +53,8 @@ from recipes.tasks import TaskConfig, TaskDataModule, TaskSpec, TextEncoder, get
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = {"bert": "recipes.bert", "rnn": "recipes.rnn", "pooled": "recipes.rnn",  # model.kind -> module
-               "rnn_lm": "recipes.rnn"}  # with build() and restore(), and optionally task_module()
+               "rnn_lm": "recipes.rnn",  # with build() and restore(), and optionally task_module()
+               "seq2seq": "recipes.seq2seq", "autoencoder": "recipes.autoencoder"}
 PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}  # the project's names -> Lightning's
 STRATEGIES = ("auto", "ddp", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2")
 MODEL_DIR = "model"  # in a run directory: weights, meta.json and tokenizer files for `predict`
@@ -91,13 +92,72 @@ class RnnConfig:
 
 
 @dataclass
+class Seq2seqConfig:
+    """The encoder-decoder's settings (model.kind seq2seq, recipes/seq2seq.py); its RNNs follow model.rnn."""
+
+    attention: str = "bahdanau"  # none (the encoder's final state is the only context) | bahdanau | luong
+    teacher_forcing: float = 1.0  # chance of feeding the gold previous token in training; < 1: scheduled sampling
+    beam: int = 4  # beam size for evaluation and `bertpipe translate`; 1 = greedy
+    length_penalty: float = 0.6  # alpha of GNMT's ((5 + |Y|) / 6) ** alpha that beam scores are divided by
+    max_len_ratio: float = 2.0  # a translation stops after ratio * source pieces + 10 new tokens ...
+    max_new_tokens: int = 128  # ... or this many, whichever comes first
+    tgt_vocab_dir: str | None = None  # the target side's WordPiece vocabulary (model.vocab_dir is the source's)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("none", "bahdanau", "luong"):
+            raise ValueError("model.seq2seq.attention must be none, bahdanau or luong")
+        if not 0 <= self.teacher_forcing <= 1 or self.length_penalty < 0:
+            raise ValueError("model.seq2seq.teacher_forcing must be in [0, 1], length_penalty >= 0")
+        if self.beam < 1 or self.max_new_tokens < 1 or self.max_len_ratio <= 0:
+            raise ValueError("model.seq2seq.beam, max_new_tokens and max_len_ratio must be positive")
+
+
+AUTOENCODERS = ("undercomplete", "denoising", "sparse", "variational", "convolutional")
+
+
+@dataclass
+class AutoencoderConfig:
+    """The autoencoders' settings (model.kind autoencoder, recipes/autoencoder.py); text ones use model.rnn too."""
+
+    variant: str = "undercomplete"  # one of AUTOENCODERS; text: undercomplete or denoising
+    code_dim: int = 16  # the bottleneck's width
+    hidden: int = 128  # the MLP's hidden layer (images)
+    loss: str = "bce"  # images: mse | bce on pixels in [0, 1] (the decoder ends in a sigmoid); text: cross-entropy
+    noise: str = "masking"  # denoising: gaussian (images), masking (pixels zeroed, tokens [UNK]) or dropout (tokens)
+    noise_level: float = 0.3  # the Gaussian's sigma, or the share of pixels / tokens masked or dropped
+    sparsity: str = "kl"  # sparse: kl (sigmoid codes, KL to a target rate) | l1 (mean |code|, linear codes)
+    sparsity_weight: float = 0.1
+    sparsity_target: float = 0.05  # kl: the target mean activation rho of each code unit
+    beta: float = 1.0  # variational: the KL term's weight (1 = the negative ELBO itself)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.variant in AUTOENCODERS, f"model.autoencoder.variant must be one of {', '.join(AUTOENCODERS)}"),
+            (self.loss in ("mse", "bce"), "model.autoencoder.loss must be mse or bce"),
+            (self.noise in ("gaussian", "masking", "dropout"),
+             "model.autoencoder.noise must be gaussian, masking or dropout"),
+            (self.sparsity in ("l1", "kl"), "model.autoencoder.sparsity must be l1 or kl"),
+            (min(self.code_dim, self.hidden) >= 1, "model.autoencoder.code_dim and hidden must be positive"),
+            (self.noise_level >= 0 and (self.noise == "gaussian" or self.noise_level < 1),
+             "model.autoencoder.noise_level must be >= 0 (and < 1 for masking or dropout)"),
+            (0 < self.sparsity_target < 1, "model.autoencoder.sparsity_target must be in (0, 1)"),
+            (self.sparsity_weight >= 0 and self.beta >= 0, "model.autoencoder.sparsity_weight and beta must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
 class ModelConfig:
     kind: str = "bert"  # a key of MODEL_KINDS
     encoder: str | None = None  # a pretraining run dir (its export/), an HF BERT dir or a bertpipe checkpoint
     preset: str | None = None  # instead of `encoder`: a randomly initialized encoder of this size
     vocab_dir: str | None = None  # the tokenizer; default: the encoder directory's own tokenizer files
     dropout: float | None = None  # before the classifier; default: the encoder's hidden_dropout_prob
-    rnn: RnnConfig = field(default_factory=RnnConfig)  # kinds rnn, pooled and rnn_lm
+    rnn: RnnConfig = field(default_factory=RnnConfig)  # kinds rnn, pooled, rnn_lm and seq2seq
+    seq2seq: Seq2seqConfig = field(default_factory=Seq2seqConfig)  # kind seq2seq
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # kind autoencoder
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -466,6 +526,8 @@ def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) ->
 
     device = "cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     evaluated = {split: module.evaluate(data.loader(split), device) for split in splits if split != "train"}
+    if hasattr(kind, "report"):  # a kind's extra dev results and figures, written before the rename
+        evaluated["dev"] |= kind.report(module, data, work, device)
     for split, metrics in evaluated.items():
         log.info("%s %s: %s", spec.name, split, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     meta = {"kind": cfg.model.kind, "task": spec.name, "labels": list(spec.labels), "max_len": cfg.task.max_len,

@@ -12,6 +12,7 @@ other pieces of a word are ignored, as in BERT's NER setup.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -38,11 +39,11 @@ SPLITS = ("train", "dev", "test")
 
 @dataclass
 class TaskConfig:
-    name: str = "sst2"  # sst2 | rt_polarity | conll2003 | ud_pos (TASKS below)
+    name: str = "sst2"  # sst2 | rt_polarity | conll2003 | ud_pos | word_order | multi30k | digits | sentences
     data_dir: str = "${oc.env:DATA_DIR,../shared/data}"
-    train: str = ""  # file (or, for rt_polarity, the path without .pos/.neg) of each split; "" = none
-    dev: str = ""
-    test: str = ""
+    train: str = ""  # file (or, for rt_polarity, the path without .pos/.neg) of each split; "" or null = none
+    dev: str | None = ""
+    test: str | None = ""
     holdout: float = 0.0  # > 0: carve dev and test, each this share, out of `train` (rt_polarity has no split)
     split_seed: int = 1234  # the holdout split and the max_train sample: fixed, so every model sees the same data
     max_len: int = 128  # pieces per example, specials included; longer examples are cut
@@ -73,16 +74,27 @@ class TaggedExample:
     tags: list[int]
 
 
+@dataclass
+class PairExample:
+    source: str
+    target: str
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text without the newline); a missing file or invalid UTF-8 names the file and line."""
+    """(line number, text without the newline), gunzipped for `.gz`; a missing file, a broken gzip stream or
+    invalid UTF-8 names the file and line."""
     if not path.is_file():
         raise BertpipeError(f"{path}: file not found (set task.data_dir or DATA_DIR)")
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise BertpipeError(f"{path}:{number}: invalid UTF-8 at byte {err.start}") from None
+    number = 0
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+        try:
+            for number, raw in enumerate(fh, 1):
+                try:
+                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as err:
+                    raise BertpipeError(f"{path}:{number}: invalid UTF-8 at byte {err.start}") from None
+        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+            raise BertpipeError(f"{path}:{number + 1}: cannot read: {err}") from None
 
 
 def _index(value: str, labels: tuple[str, ...], where: str) -> int:
@@ -169,12 +181,85 @@ def read_conllu(path: Path, spec: TaskSpec) -> list[TaggedExample]:
     return examples
 
 
+def read_pairs(path: Path, spec: TaskSpec) -> list[PairExample]:
+    """Line-aligned parallel text: `<path><suffix>` per side (`train.en.gz`, `train.de.gz`), the source side
+    first, line n of one the translation of line n of the other; both must have the same number of lines and no
+    empty line, else the error names the file and line where the alignment breaks."""
+    files = spec.files(path)
+    sides = [[(f, number, line.strip()) for number, line in _lines(f)] for f in files]
+    for side in sides:
+        for f, number, line in side:
+            if not line:
+                raise BertpipeError(f"{f}:{number}: empty line (every sentence needs its translation)")
+    counts = [len(side) for side in sides]
+    short, long = counts.index(min(counts)), counts.index(max(counts))
+    if counts[short] != counts[long]:
+        raise BertpipeError(f"{files[long]}:{len(sides[short]) + 1}: no aligned line in {files[short]} "
+                            f"(it has {len(sides[short])} lines, this file {len(sides[long])})")
+    return [PairExample(src[2], tgt[2]) for src, tgt in zip(sides[0], sides[1], strict=True)]
+
+
+@dataclass
+class ImageExample:
+    pixels: torch.Tensor  # (channels, height, width), values in [0, 1]
+    label: int  # not trained on by an autoencoder: the linear probe's target
+
+
+DIGITS = "sklearn:digits"  # task.train of the digits task: the 1,797 8x8 digits that ship with scikit-learn
+SENTENCE_WORDS = (5, 20)  # the sentences task keeps sentences of this many words (split_words), both included
+
+
+def read_digits(path: Path, spec: TaskSpec) -> list[ImageExample]:
+    """scikit-learn's 8x8 handwritten digits (no download), pixels 0..16 scaled to [0, 1]; split by task.holdout."""
+    if str(path) != DIGITS:
+        raise BertpipeError(f"task {spec.name}: task.train must be {DIGITS} (the digits shipped with scikit-learn), "
+                            f"not {str(path)!r}")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    return [ImageExample(image, int(label)) for image, label in zip(images, digits.target, strict=True)]
+
+
+def read_sentences(path: Path, spec: TaskSpec) -> list[str]:
+    """The sentences (blingfire, as the shard stage splits them) of a corpus that pipeline/corpus.py reads — a
+    WikiExtractor file, a book, plain text or `pydoc` — with SENTENCE_WORDS words, in corpus order."""
+    from pipeline.corpus import Corpus, CorpusConfig, CorpusInput
+    from pipeline.instances import split_sentences
+
+    low, high = SENTENCE_WORDS
+    corpus = Corpus(CorpusConfig([CorpusInput(str(path))]))
+    return [s for doc in corpus.documents() for s in split_sentences(doc.text) if low <= len(split_words(s)) <= high]
+
+
+def read_word_order(path: Path, spec: TaskSpec) -> list[TextExample]:
+    """A labeled task built offline from any corpus (the demo's, when no data directory is there): each
+    sentence of `read_sentences`, as it was ("real") or with its words shuffled ("shuffled"), half and half by a
+    fixed seed. Both are written as words joined by single spaces, so only the order tells them apart: a
+    bag-of-words model stays at chance, an RNN or BERT must read the sequence."""
+    rng = random.Random(1234)
+    examples = []
+    for sentence in read_sentences(path, spec):
+        words = split_words(sentence)
+        label = rng.randrange(2)
+        if label == 0:
+            shuffled = words[:]
+            while shuffled == words and len(set(words)) > 1:
+                rng.shuffle(shuffled)
+            if shuffled == words:  # a sentence of one repeated word has no other order
+                continue
+            words = shuffled
+        examples.append(TextExample(" ".join(words), label))
+    return examples
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What a task is: its kind, its label set (fixed, so label ids agree across runs) and how to read it."""
 
     name: str
-    kind: str  # "classify": one label per text; "tag": one tag per word
+    kind: str  # "classify": one label per text; "tag": one tag per word; "translate": a text per text
+    # ... "image" or "sentences": inputs an autoencoder rebuilds (ImageExample, str)
     labels: tuple[str, ...]
     reader: Callable[[Path, TaskSpec], list]
     main_metric: str  # on the dev split: picks the best checkpoint and heads the leaderboard
@@ -182,8 +267,11 @@ class TaskSpec:
     scheme: str | None = None  # "iob2": entity-level precision/recall/F1 (seqeval)
     default_tag: str | None = None  # the tag of words cut off by max_len (they still count in the metrics)
     higher_is_better: bool = True  # of main_metric (False for a reconstruction error)
+    together: bool = False  # the reader gets the bare path and reads all its suffixed files at once (pairs)
 
     def read(self, path: str | Path) -> list:
+        if self.together:
+            return self.reader(Path(path), self)
         return [ex for suffix in self.suffixes for ex in self.reader(Path(f"{path}{suffix}"), self)]
 
     def files(self, path: str | Path) -> list[Path]:
@@ -196,6 +284,13 @@ TASKS: dict[str, TaskSpec] = {
                             suffixes=(".neg", ".pos")),
     "conll2003": TaskSpec("conll2003", "tag", NER_TAGS, read_conll, "f1", scheme="iob2", default_tag="O"),
     "ud_pos": TaskSpec("ud_pos", "tag", UPOS_TAGS, read_conllu, "accuracy", default_tag="X"),
+    "multi30k": TaskSpec("multi30k", "translate", (), read_pairs, "bleu", suffixes=(".en.gz", ".de.gz"),
+                         together=True),  # English -> German image captions; BLEU of detokenized output
+    # autoencoders (model.kind autoencoder): reconstruction error of images (lower is better), token accuracy of
+    # sentences rebuilt from their code (teacher-forced); the digit labels only feed the linear probe
+    "digits": TaskSpec("digits", "image", tuple("0123456789"), read_digits, "mse", higher_is_better=False),
+    "sentences": TaskSpec("sentences", "sentences", (), read_sentences, "token_accuracy"),
+    "word_order": TaskSpec("word_order", "classify", ("shuffled", "real"), read_word_order, "accuracy"),
 }
 
 
@@ -378,15 +473,22 @@ class TaskDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.features: dict[str, list[dict]] = {}
 
+    def encode(self, examples: list) -> list[dict]:
+        """One split's features; a model kind with other examples (pairs, images) overrides this and collate."""
+        return encode(examples, self.encoder, self.max_len)
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return Collator(self.encoder.pad_id)(features)
+
     def setup(self, stage: str | None = None) -> None:
         for name, examples in self.splits.items():
             if name not in self.features:
-                self.features[name] = encode(examples, self.encoder, self.max_len)
+                self.features[name] = self.encode(examples)
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
         self.setup()
         return DataLoader(self.features[split], batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=Collator(self.encoder.pad_id), num_workers=self.num_workers,
+                          collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -34,6 +34,18 @@ def wiki_files(data: Path) -> list[Path]:
     return sorted((data / "pretrain" / "wikipedia" / "AA").glob("wiki_*"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module that trains small networks: on a shared 2-core machine two threads
+    fight over the cores and small steps slow down tenfold."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run `bertpipe ARGS...` in-process; returns (exit code, stdout, stderr)."""

@@ -37,11 +37,8 @@ SMALL = ["model.rnn.hidden=128", "model.rnn.embed_dim=64", "track.wandb=disabled
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here trains with one torch thread (conftest.one_thread)."""
 
 
 def finetune(cli, recipe: str, run_dir: Path, *overrides: str) -> dict:
