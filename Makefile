@@ -110,7 +110,7 @@ $(foreach c,$(BASELINE_CONFIGS),$(eval $(call run_rule,$(c),$(VOCAB_DIR)/manifes
 endif
 
 $(RUNS_DIR)/leaderboard.md: $(FINETUNE_RESULTS) $(BASELINE_RESULTS) | $(STAMP)
-	$(BERTPIPE) leaderboard $(RUNS_DIR)
+	$(BERTPIPE) leaderboard --quiet $(RUNS_DIR)
 
 # ---- the demo: the embedded default, on the CPU -------------------------------------------------------
 demo: $(STAMP)  ## the whole pipeline on the embedded default (Python's docs) on the CPU; SST-2 if DATA_DIR has it

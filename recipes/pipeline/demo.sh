@@ -14,12 +14,11 @@ PRETRAIN_OVERRIDES=${PRETRAIN_OVERRIDES:-track.wandb=offline}
 # SST-2 when the data directory has it; else the word-order task built offline from the embedded corpus
 # (real sentence vs. its words shuffled: labels no bag-of-words model can guess).
 if [ -f "${DATA_DIR:-}/finetune/sst2/train.tsv" ]; then
-  TASK_OVERRIDES=${TASK_OVERRIDES:-task.max_train=8000 task.max_len=64}
+  TASK_OVERRIDES=${TASK_OVERRIDES:-task.max_train=8000 task.max_len=64 trainer.max_epochs=2}
 else
   TASK_OVERRIDES=${TASK_OVERRIDES:-task.name=word_order task.train=pydoc task.dev=null task.holdout=0.1 \
-task.max_len=64}
+task.max_len=64 trainer.max_epochs=10}  # 1,585 training sentences: more epochs
 fi
-FINETUNE_OVERRIDES=${FINETUNE_OVERRIDES:-$TASK_OVERRIDES trainer.max_epochs=2 trainer.lr=2.0e-4 \
+FINETUNE_OVERRIDES=${FINETUNE_OVERRIDES:-$TASK_OVERRIDES trainer.lr=2.0e-4 \
 trainer.val_check_interval=1.0 trainer.accelerator=cpu track.wandb=offline}
-BASELINE_OVERRIDES=${BASELINE_OVERRIDES:-$TASK_OVERRIDES trainer.max_epochs=2 trainer.accelerator=cpu \
-track.wandb=offline}
+BASELINE_OVERRIDES=${BASELINE_OVERRIDES:-$TASK_OVERRIDES trainer.accelerator=cpu track.wandb=offline}
