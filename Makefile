@@ -124,6 +124,9 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/model_cpu.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/rnn.py
+	$(BIN)/python bench/seq2seq.py
+	$(BIN)/python bench/model_gpu.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)
