@@ -31,6 +31,7 @@ from pipeline.errors import BertpipeError
 from pipeline.hf_interop import export_hf, load_weights
 from pipeline.log import progress
 from pipeline.model import PRESETS, BertForPreTraining, from_preset
+from pipeline.schedule import warmup_decay
 from pipeline.tracking import TrackConfig, Tracker
 from tokenization import load_tokenizer, special_ids
 
@@ -115,11 +116,8 @@ class PretrainConfig:
 def lr_factor(step: int, cfg: PretrainConfig) -> float:
     """Linear warmup to the peak, then linear or polynomial decay to min_lr at max_steps (as a factor)."""
     o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    left = max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - o.warmup_steps))
-    decay = left if o.schedule == "linear" else left**o.power
-    return (o.min_lr + (o.lr - o.min_lr) * decay) / o.lr
+    return warmup_decay(step, o.warmup_steps, cfg.max_steps, 1.0 if o.schedule == "linear" else o.power,
+                        o.min_lr / o.lr)
 
 
 def deepspeed_config(cfg: PretrainConfig, world_size: int, on_gpu: bool) -> dict:

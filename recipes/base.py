@@ -46,6 +46,7 @@ from torch import nn
 from pipeline.artifacts import library_versions, sha256_file, write_json
 from pipeline.config import load_config, to_dict
 from pipeline.errors import BertpipeError
+from pipeline.schedule import warmup_decay
 from pipeline.tracking import TrackConfig, without_secrets
 from recipes.metrics import build_metrics
 from recipes.tasks import TaskConfig, TaskDataModule, TaskSpec, TextEncoder, get_task, input_files, read_splits
@@ -230,13 +231,6 @@ def model_kind(name: str):
 # ---- the task module -------------------------------------------------------------------------------------
 
 
-def warmup_linear_decay(step: int, warmup: int, total: int) -> float:
-    """The lr factor of BERT's schedule: linear from 1/warmup up to 1 over `warmup` steps, then linear to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 class TaskModule(L.LightningModule):
     """Any network on any task of recipes/tasks.py: loss, predictions, metrics, optimizer and schedule.
 
@@ -301,7 +295,7 @@ class TaskModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=(0.9, 0.999), eps=1e-6)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(self.optim.warmup_ratio * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_linear_decay(step, warmup, total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_decay(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()

@@ -26,8 +26,9 @@ from pipeline.config import load_config
 from pipeline.hf_interop import export_hf
 from pipeline.log import setup_logging
 from pipeline.model import BertForPreTraining, from_preset
+from pipeline.schedule import warmup_decay
 from pipeline.tracking import read_metrics
-from recipes.base import FinetuneConfig, warmup_linear_decay
+from recipes.base import FinetuneConfig
 from recipes.predict import Predictor
 from recipes.tasks import TASKS, read_splits
 
@@ -225,8 +226,16 @@ def test_every_recipe_loads(data):
         assert read_splits(dataclasses.replace(cfg.task, max_train=1, max_eval=1), TASKS[cfg.task.name])
 
 
+def test_every_baseline_recipe_loads_and_reads_its_task(data):
+    recipes = sorted((ROOT / "recipes" / "baselines").glob("*.yaml"))
+    assert len(recipes) >= 19
+    for path in recipes:
+        cfg = load_config(FinetuneConfig, path)
+        assert read_splits(dataclasses.replace(cfg.task, max_train=1, max_eval=1), TASKS[cfg.task.name]), path
+
+
 def test_warmup_then_linear_decay():
-    factors = [warmup_linear_decay(step, warmup=4, total=20) for step in range(20)]
+    factors = [warmup_decay(step, warmup=4, total=20) for step in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0
     assert factors[-1] == pytest.approx(1 / 16) and all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
 

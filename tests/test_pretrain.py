@@ -182,3 +182,16 @@ def test_damaged_checkpoint_and_other_world_size_are_refused(wiki_shards, wiki_v
     assert proc.returncode == 1 and "is corrupt" in proc.stderr.splitlines()[-1]
     assert torch.load(ckpt / "rank-00000.pt", weights_only=True)["loader"]["served"]
     assert json.loads((ckpt / "meta.json").read_text())["zero_stage"] == 1
+
+
+def test_lr_warms_up_then_decays_polynomially_to_min_lr():
+    from pipeline.config import load_config
+    from pipeline.pretrain import PretrainConfig, lr_factor
+
+    cfg = load_config(PretrainConfig, "recipes/pretrain/bert-base-128.yaml", ["optim.min_lr=6.0e-5"])
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, 6.0e-5 / cfg.optim.lr
+    assert lr_factor(0, cfg) == 1 / warmup and lr_factor(warmup - 1, cfg) == 1.0
+    middle = (warmup + total) // 2
+    expected = floor + (1 - floor) * ((total - middle) / (total - warmup)) ** cfg.optim.power
+    assert cfg.optim.schedule == "poly" and lr_factor(middle, cfg) == pytest.approx(expected)
+    assert lr_factor(total, cfg) == pytest.approx(floor)
