@@ -16,18 +16,19 @@ HOME_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$HOME_DIR"
 PROFILE=${PROFILE:-recipes/pipeline/bert-base.sh}
 DRY_RUN=0
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+need() { [ $# -ge 2 ] || { echo "submit_pipeline.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
-    --partition) PARTITION=$2; shift ;;
-    --account) ACCOUNT=$2; shift ;;
-    --time) TIME=$2; shift ;;
-    --nodes) NODES=$2; shift ;;
-    --gpus-per-node) GPUS_PER_NODE=$2; shift ;;
-    --cpus-per-task) CPUS_PER_TASK=$2; shift ;;
-    --build) BUILD=$2; shift ;;
-    --config) PROFILE=$2; shift ;;
+    --partition) need "$@"; PARTITION=$2; shift ;;
+    --account) need "$@"; ACCOUNT=$2; shift ;;
+    --time) need "$@"; TIME=$2; shift ;;
+    --nodes) need "$@"; NODES=$2; shift ;;
+    --gpus-per-node) need "$@"; GPUS_PER_NODE=$2; shift ;;
+    --cpus-per-task) need "$@"; CPUS_PER_TASK=$2; shift ;;
+    --build) need "$@"; BUILD=$2; shift ;;
+    --config) need "$@"; PROFILE=$2; shift ;;
     --dry-run) DRY_RUN=1 ;;
     -*) echo "submit_pipeline.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) PROFILE=$1 ;;

@@ -101,3 +101,26 @@ def test_submit_pipeline_runs_the_demo_as_chained_jobs_that_all_complete(slurm, 
 
 def _tails(logs: Path) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text()[-800:]}" for p in sorted(logs.iterdir()))
+
+
+def test_submit_pipeline_dry_run_asks_for_the_cluster_it_is_given(tmp_path):
+    """The GPU and accounting parameters reach the sbatch lines (the live test above runs on CPUs only)."""
+    import subprocess
+
+    env = {**os.environ, "DATA_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "--config", "recipes/pipeline/demo.sh",
+                           "--dry-run", "--partition", "gpu", "--account", "proj", "--nodes", "2", "--gpus-per-node",
+                           "8", "--time", "12:00:00", "--build", str(tmp_path / "b")], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split("--job-name=bertpipe-")[1].split()[0]: line for line in proc.stderr.splitlines()}
+    assert list(lines) == ["vocab", "shard", "shard-merge", "pretrain", "finetune", "baselines", "leaderboard"]
+    assert all("--partition=gpu" in line and "--account=proj" in line for line in lines.values())
+    pretrain = lines["pretrain"]
+    assert "--nodes=2 --ntasks-per-node=8 --gres=gpu:8" in pretrain and "--time=12:00:00" in pretrain
+    assert "--dependency=afterok:<shard-merge>" in pretrain and "--gres=gpu:1" in lines["finetune"]
+    assert "--dependency=afterok:<vocab>" in lines["baselines"] and "--array=0-2" in lines["baselines"]
+    assert "task.name=word_order" in lines["finetune"]  # no SST-2 in this DATA_DIR: the offline task
+    assert "--dependency=afterok:<finetune>:<baselines>" in lines["leaderboard"]
+    bad = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "--nodes"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "submit_pipeline.sh: --nodes needs a value (see --help)"
