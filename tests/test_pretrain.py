@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -195,3 +196,36 @@ def test_lr_warms_up_then_decays_polynomially_to_min_lr():
     expected = floor + (1 - floor) * ((total - middle) / (total - warmup)) ** cfg.optim.power
     assert cfg.optim.schedule == "poly" and lr_factor(middle, cfg) == pytest.approx(expected)
     assert lr_factor(total, cfg) == pytest.approx(floor)
+
+
+@pytest.mark.slow
+def test_phase_two_starts_from_phase_one_weights_with_a_fresh_schedule(wiki_shards, wiki_vocab, tmp_path):
+    phase1, phase2, fresh = tmp_path / "phase1", tmp_path / "phase2", tmp_path / "fresh"
+    first = run(command(wiki_shards, wiki_vocab, phase1, "max_steps=60", "optim.lr=2e-3"))
+    assert first.returncode == 0, why(first)
+    second = run(command(wiki_shards, wiki_vocab, phase2, "max_steps=3", f"model.init_from={phase1}",
+                         "track.wandb=disabled"))
+    assert second.returncode == 0, why(second)
+    assert f"initialized from {phase1 / 'export'}" in second.stderr
+    scratch = run(command(wiki_shards, wiki_vocab, fresh, "max_steps=3", "track.wandb=disabled", "export=false"))
+    assert scratch.returncode == 0, why(scratch)
+    one, two, new = losses(phase1), losses(phase2), losses(fresh)
+    assert sorted(two) == [1, 2, 3]  # its own steps and schedule, not phase 1's
+    lr = [r["lr"] for r in read_metrics(phase2) if r["event"] == "train"]
+    assert lr[0] < lr[1]  # warming up again: a fresh optimizer and schedule
+    # phase 2's first step sees phase 1's weights: near where phase 1 ended, far below a fresh model's start
+    assert two[1][0] < new[1][0] - 1.0 and abs(two[1][0] - one[60][0]) < 1.0, (two[1], one[60], new[1])
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_batch_and_checkpoint(wiki_shards, wiki_vocab, tmp_path):
+    run_dir = tmp_path / "nan"
+    proc = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=10", "optim.lr=1e30", "optim.warmup_steps=1",
+                       "checkpoint_every=1", "optim.weight_decay=0.0", "track.wandb=disabled"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "non-finite loss" in line]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    step = int(errors[0].split(" at step ")[1].split()[0])
+    micro_batch = r"the batch starts at shard\.\d{5}\.parquet row \d+ \(16 rows\)"  # the step's last micro-batch
+    assert re.search(micro_batch, errors[0]), errors[0]
+    assert errors[0].endswith(f"last good checkpoint: step-{step - 1:08d}"), errors[0]
+    assert not (run_dir / "export").exists()  # no export of a broken model
