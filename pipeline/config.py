@@ -33,6 +33,14 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """A config dataclass's __post_init__ checks, (condition, message) pairs: the first that fails is raised as
+    ValueError, which load_config turns into one line."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from its defaults, then the YAML file at `path`, then `overrides` (last wins)."""
     layers = [OmegaConf.structured(cls)]

@@ -24,7 +24,7 @@ import yaml
 
 from pipeline.checkpoint import CheckpointManager
 from pipeline.collate import MaskingConfig, MLMCollator, continuation_flags
-from pipeline.config import to_dict
+from pipeline.config import check_all, to_dict
 from pipeline.dataset import PretrainingLoader, ShardSet
 from pipeline.distributed import Dist, all_mean, any_rank, barrier, init_distributed
 from pipeline.errors import BertpipeError
@@ -108,9 +108,7 @@ class PretrainConfig:
             (self.optim.schedule in ("linear", "poly"), "optim.schedule must be linear or poly"),
             (self.max_steps > 0 and self.data.micro_batch > 0, "max_steps and data.micro_batch must be positive"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_all(checks)
 
 
 def lr_factor(step: int, cfg: PretrainConfig) -> float:

@@ -42,7 +42,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.artifacts import write_json
 from pipeline.errors import BertpipeError
-from recipes.base import AutoencoderConfig, Built, FinetuneConfig, RnnConfig, TaskModule, hashed_files
+from recipes.base import AutoencoderConfig, Built, FinetuneConfig, RnnConfig, TaskModule, tokenizer_files
 from recipes.rnn import Embeddings, Recurrent, State, WordEncoder, decode
 from recipes.tasks import TaskDataModule, TaskSpec, TextEncoder, WordPieceEncoder, encode_text, read_splits
 
@@ -422,7 +422,7 @@ def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
                                                bounds=True)
     elif cfg.model.vocab_dir:
         encoder = WordPieceEncoder(cfg.model.vocab_dir)  # [CLS] and [SEP] are the start and end tokens
-        inputs = {"tokenizer": hashed_files([Path(cfg.model.vocab_dir) / n for n in ("tokenizer.json", "vocab.txt")])}
+        inputs = {"tokenizer": tokenizer_files(cfg.model.vocab_dir)}
     else:
         raise BertpipeError("set model.vocab_dir (the project's WordPiece vocabulary) or model.rnn.word_vocab=true")
     net = SequenceAutoencoder(encoder.vocab_size, encoder.pad_id, r, ae.code_dim)

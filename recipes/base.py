@@ -44,7 +44,7 @@ from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
 from pipeline.artifacts import library_versions, sha256_file, write_json
-from pipeline.config import load_config, to_dict
+from pipeline.config import check_all, load_config, to_dict
 from pipeline.errors import BertpipeError
 from pipeline.schedule import warmup_decay
 from pipeline.tracking import TrackConfig, without_secrets
@@ -144,9 +144,7 @@ class AutoencoderConfig:
             (0 < self.sparsity_target < 1, "model.autoencoder.sparsity_target must be in (0, 1)"),
             (self.sparsity_weight >= 0 and self.beta >= 0, "model.autoencoder.sparsity_weight and beta must be >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_all(checks)
 
 
 @dataclass
@@ -196,9 +194,7 @@ class TrainerConfig:
              "trainer.batch_size, trainer.accumulate and trainer.devices must be positive"),
             (0 <= self.warmup_ratio < 1, "trainer.warmup_ratio must be in [0, 1)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_all(checks)
 
 
 @dataclass
@@ -384,6 +380,11 @@ def _check_devices(cfg: TrainerConfig) -> None:
 
 def hashed_files(paths: list[Path | str]) -> list[dict]:
     return [{"path": str(p), "sha256": sha256_file(p)} for p in paths if Path(p).is_file()]
+
+
+def tokenizer_files(directory: str | Path) -> list[dict]:
+    """The tokenizer files of a vocabulary directory with their sha256: what results.json's inputs record."""
+    return hashed_files([Path(directory) / name for name in ("tokenizer.json", "vocab.txt")])
 
 
 def save_for_predict(directory: Path, net: nn.Module, encoder: TextEncoder, meta: dict) -> Path:

@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import load_hf
 from pipeline.model import PRESETS, BertConfig, BertModel, from_preset, init_weights
-from recipes.base import Built, FinetuneConfig, hashed_files
+from recipes.base import Built, FinetuneConfig, hashed_files, tokenizer_files
 from recipes.tasks import TaskSpec, WordPieceEncoder
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ def load_encoder(cfg: FinetuneConfig) -> tuple[BertModel, WordPieceEncoder, dict
     describe = {"kind": "bert", "size": size_name(config), "layers": config.num_hidden_layers,
                 "hidden": config.hidden_size, "heads": config.num_attention_heads, "vocab_size": config.vocab_size,
                 "encoder": origin}
-    tokenizer = [vocab_dir / n for n in ("tokenizer.json", "vocab.txt")]
-    inputs = {"encoder": hashed_files([weights] if weights else []), "tokenizer": hashed_files(tokenizer)}
+    inputs = {"encoder": hashed_files([weights] if weights else []), "tokenizer": tokenizer_files(vocab_dir)}
     return bert, encoder, describe, inputs
 
 

@@ -30,7 +30,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.errors import BertpipeError
-from recipes.base import Built, FinetuneConfig, RnnConfig, TaskModule, hashed_files, load_net
+from recipes.base import Built, FinetuneConfig, RnnConfig, TaskModule, load_net, tokenizer_files
 from recipes.tasks import TaskSpec, TextEncoder, TextExample, WordPieceEncoder, read_splits, split_words
 
 log = logging.getLogger(__name__)
@@ -392,7 +392,7 @@ def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
                                 "or model.rnn.word_vocab=true")
         encoder = WordPieceEncoder(m.vocab_dir)
         vocab_size, tokenizer = encoder.vocab_size, "wordpiece"
-        inputs = {"tokenizer": hashed_files([Path(m.vocab_dir) / n for n in ("tokenizer.json", "vocab.txt")])}
+        inputs = {"tokenizer": tokenizer_files(m.vocab_dir)}
     source_dim = None if source is None else source.size(1)
     net = _net(m.kind, spec.kind, vocab_size, encoder.pad_id, r, len(spec.labels), source_dim)
     if source is not None:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from pipeline.errors import BertpipeError
-from recipes.base import Built, FinetuneConfig, RnnConfig, Seq2seqConfig, TaskModule, TrainerConfig, hashed_files
+from recipes.base import Built, FinetuneConfig, RnnConfig, Seq2seqConfig, TaskModule, TrainerConfig, tokenizer_files
 from recipes.rnn import FUSED, Embeddings, Recurrent, State
 from recipes.tasks import PairExample, TaskDataModule, TaskSpec, WordPieceEncoder, encode_text
 
@@ -483,10 +483,6 @@ def _check(cfg: FinetuneConfig, spec: TaskSpec) -> None:
                             "(bertpipe vocab --config recipes/vocab/multi30k-de.yaml)")
 
 
-def _tokenizer_files(directory: str | Path) -> list[dict]:
-    return hashed_files([Path(directory) / n for n in ("tokenizer.json", "vocab.txt")])
-
-
 def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
     _check(cfg, spec)
     m, r, s = cfg.model, cfg.model.rnn, cfg.model.seq2seq
@@ -504,8 +500,8 @@ def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
             raise BertpipeError("set model.vocab_dir (the source language's WordPiece vocabulary, e.g. "
                                 "build/vocab/multi30k-en) or model.encoder (a pretrained BERT)")
         source = WordPieceEncoder(m.vocab_dir)
-        inputs = {"tokenizer": _tokenizer_files(m.vocab_dir)}
-    inputs["target_tokenizer"] = _tokenizer_files(s.tgt_vocab_dir)
+        inputs = {"tokenizer": tokenizer_files(m.vocab_dir)}
+    inputs["target_tokenizer"] = tokenizer_files(s.tgt_vocab_dir)
     net = Seq2seq(source.vocab_size, target.vocab_size, source.pad_id, target.pad_id, r, s, bert)
     encoder_name = "bert" if bert is not None else f"{'bi' if r.bidirectional else ''}{r.cell}"
     describe = {"kind": "seq2seq", "size": f"{encoder_name}-{r.cell}-L{r.layers}-H{r.hidden}-{s.attention}",
