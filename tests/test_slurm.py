@@ -54,6 +54,12 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm,
     while time.time() < deadline and slurm.job(job).get("Restarts", "0") == "0":
         time.sleep(0.5)
     assert slurm.job(job)["Restarts"] == "1"
+    while time.time() < deadline and slurm.job(job)["JobState"] != "PENDING":
+        time.sleep(0.5)
+    # slurmd revokes the first run's credential with a timestamp in whole seconds: a relaunch within the same
+    # second is refused ("Job credential revoked") and the job fails without running. On a real cluster the
+    # requeued job waits for its begin time (a minute or more); here it may start once that second has passed.
+    time.sleep(2)
     slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
     assert slurm.wait([job], timeout=600)[job] == "COMPLETED"
     log = next((work / "logs").glob(f"bertpipe-pretrain-{job}.out")).read_text()
