@@ -1,15 +1,24 @@
-"""Pretraining checkpoints: DeepSpeed's engine state plus each rank's RNG and data-loader state.
+"""Pretraining checkpoints: DeepSpeed's engine state plus the data loader's position, resumable on any world size.
 
 Layout: `checkpoints/step-00001000/` holds DeepSpeed's files (model, optimizer, scheduler, loss scaler; ZeRO
-shards per rank), `rank-00000.pt` … (torch RNG states and the loader position, tensors and plain types only,
-so they load with `weights_only=True`) and `meta.json` (step, world size, ZeRO stage and every file's size and
-sha256), written last. `checkpoints/latest` names the newest complete checkpoint and is replaced atomically
-after every rank has finished, so a crash while saving leaves the previous checkpoint in charge.
+shards per rank), `rank-00000.pt` … (each rank's loader state, the same global position on every rank; plain
+types only, so they load with `weights_only=True`) and `meta.json` (step, world size, ZeRO stage and every
+file's size and sha256), written last. `checkpoints/latest` names the newest complete checkpoint and is
+replaced atomically after every rank has finished, so a crash while saving leaves the previous checkpoint in
+charge.
+
+On another number of ranks, optimizer state that ZeRO (or the bf16 optimizer) partitioned by rank is resharded
+by DeepSpeed's universal checkpoint: rank 0 converts the checkpoint once with `ds_to_universal` into
+`checkpoints/universal/<tag>/` (built under a temporary name and renamed) and every rank loads it with
+`load_universal`. Unpartitioned state (ZeRO-0 in fp32) loads as it is.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.artifacts import write_json
-from pipeline.distributed import barrier
+from pipeline.distributed import barrier, from_rank0
 from pipeline.errors import BertpipeError
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,10 @@ class CheckpointManager:
         for tag in tags[: max(0, len(tags) - self.keep)]:
             if tag != newest:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
+        kept = {p.name for p in self.root.glob("step-*")}
+        for converted in self.root.glob("universal/*"):  # conversions are only needed until the next save
+            if converted.name not in kept:
+                shutil.rmtree(converted, ignore_errors=True)
 
     def check(self, tag: str, world_size: int, zero_stage: int) -> dict:
         """The meta of checkpoint `tag`, after checking its files and that this run can resume from it."""
@@ -87,27 +100,76 @@ class CheckpointManager:
                                     f"is missing or not {info['bytes']} bytes")
             if self.rank == 0 and _digest(path) != info["sha256"]:
                 raise BertpipeError(f"checkpoint {directory} is corrupt: {name} does not match its sha256")
-        if meta["world_size"] != world_size:
-            raise BertpipeError(
-                f"checkpoint {tag} was written by {meta['world_size']} rank(s) with ZeRO stage {meta['zero_stage']}; "
-                f"this run has {world_size}. ZeRO partitions the optimizer state by rank and the data loader's "
-                "streams are per rank, so resume with the same world size (or start a new run with "
-                "model.init_from pointing at this run)"
-            )
         if meta["zero_stage"] != zero_stage:
             raise BertpipeError(f"checkpoint {tag} was written with ZeRO stage {meta['zero_stage']}, "
                                 f"this run asks for stage {zero_stage}")
         return meta
 
-    def load(self, engine, tag: str) -> dict:
-        """Restore the engine (model, optimizer, scheduler, loss scaler) and return this rank's own state."""
+    def needs_universal(self, meta: dict) -> bool:
+        """Whether resuming `meta`'s checkpoint here must reshard optimizer state partitioned by rank."""
+        return meta["world_size"] != self.world_size and any(name.endswith("_optim_states.pt")
+                                                             for name in meta["files"])
+
+    def universal(self, tag: str) -> Path:
+        """DeepSpeed's universal checkpoint of `tag`, converted once by rank 0 (the only conversion call).
+
+        The result is derived data: a conversion cut off leaves only `<tag>.incomplete`, redone next time."""
+        out = self.root / "universal" / tag
+        error = None
+        if self.rank == 0 and not out.is_dir():
+            from deepspeed.checkpoint import ds_to_universal
+
+            partial = out.with_name(tag + ".incomplete")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            args = argparse.Namespace(input_folder=str(self.root / tag), output_folder=str(partial),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)  # ZeRO-1/2 lack the version tag
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    ds_to_universal.main(args)
+                (partial.parent / "latest_universal").unlink(missing_ok=True)  # we load by tag
+                os.replace(partial, out)
+                log.info("converted %s to a universal checkpoint in %s", tag, out)
+            except Exception as err:
+                log.debug("ds_to_universal said:\n%s", printed.getvalue())
+                error = (f"cannot convert checkpoint {self.root / tag} to DeepSpeed's universal format for "
+                         f"{self.world_size} rank(s): {type(err).__name__}: {err}")
+        error = from_rank0(error)  # the other ranks wait here and fail with rank 0
+        if error:
+            raise BertpipeError(error)
+        return out
+
+    def load(self, engine, tag: str, meta: dict) -> dict:
+        """Restore the engine (model, optimizer, scheduler, loss scaler) and return the loader state.
+
+        The engine must have been built with `"checkpoint": {"load_universal": true}` when
+        needs_universal(meta)."""
+        universal = self.needs_universal(meta)
+        source = self.universal(tag).parent if universal else self.root
+        groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+        own = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         try:
-            path, client = engine.load_checkpoint(str(self.root), tag=tag)
+            path, client = engine.load_checkpoint(str(source), tag=tag)
         except Exception as err:  # DeepSpeed raises many kinds on a damaged file
             raise BertpipeError(f"cannot load checkpoint {self.root / tag}: {type(err).__name__}: {err}") from None
         if path is None:
             raise BertpipeError(f"cannot load checkpoint {self.root / tag}")
-        rank_file = self.root / tag / f"rank-{self.rank:05d}.pt"
+        if universal and meta["zero_stage"] == 3:
+            # DeepSpeed 0.19's ZeRO-3 universal load (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+            # copies group 0's hyperparameters onto every group: put back those that differ by group (no
+            # weight decay on biases and LayerNorm); and it gives every group one shared Adam step tensor,
+            # which the optimizer then counts once per group and step: give each its own
+            for group, before in zip(groups, own, strict=True):
+                group.update({k: v for k, v in before.items() if any(o.get(k) != v for o in own)})
+            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        # the loader's position is global: every rank wrote the same; a rank new to the run reads rank 0's
+        rank = self.rank if self.rank < meta["world_size"] else 0
+        rank_file = self.root / tag / f"rank-{rank:05d}.pt"
         try:
             state = torch.load(rank_file, weights_only=True)
         except Exception as err:

@@ -31,7 +31,8 @@ class MaskingConfig:
 
 
 class MLMCollator:
-    """Pads a batch of unmasked rows and masks it with a generator the caller seeds (per rank and batch)."""
+    """Pads a batch of unmasked rows and masks it with the caller's generator: every draw is shaped (rows, ...),
+    so a generator keyed per row (dataset.RowRandom) masks each row alike in any batch."""
 
     def __init__(self, special: SpecialIds, cfg: MaskingConfig, continuation: np.ndarray | None = None):
         self.special, self.cfg = special, cfg
@@ -73,8 +74,9 @@ class MLMCollator:
         to_random = valid & (draw >= cfg.mask_fraction) & (draw < cfg.mask_fraction + cfg.random_fraction)
         rr, cc = np.nonzero(to_mask)
         ids[rr, positions[rr, cc]] = sp.mask
+        replacement = rng.integers(sp.first_regular, sp.vocab_size, size=(batch, slots))  # drawn per row
         rr, cc = np.nonzero(to_random)
-        ids[rr, positions[rr, cc]] = rng.integers(sp.first_regular, sp.vocab_size, size=len(rr))
+        ids[rr, positions[rr, cc]] = replacement[rr, cc]
         return {
             "input_ids": torch.from_numpy(ids),
             "token_type_ids": torch.from_numpy(types),

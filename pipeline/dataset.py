@@ -1,10 +1,13 @@
-"""Reading shards for training: a verified shard set, a resumable shuffled stream of batches, and its loader.
+"""Reading shards for training: a verified shard set, and a resumable loader whose order of samples is global.
 
-Each rank's DataLoader workers serve separate streams (stream = rank * workers + worker): every stream takes
-every S-th row of the epoch's row order (S = world size x workers), shuffles row indices through a buffer and
-cuts them into batches, masked by a generator seeded by (seed, stream, batch). Since everything a stream does
-follows from how many batches it has served, a loader's state is just those counts: a resumed loader replays
-the index shuffle (cheap integer work, no data read) and continues exactly where it stopped.
+The order is defined once for the run, whatever the number of ranks, loader workers or the micro-batch: epoch
+e visits the shards in a fresh random order, its rows are cut into windows of `shuffle_buffer` consecutive
+rows and each window is permuted, so only one window of indices is ever held. The p-th sample of the run is
+position p of that order. Step s takes positions [s*G, (s+1)*G) (G = the global batch); micro-batch k of the
+step holds the B positions from s*G + k*B and goes to rank k % M as its accumulation step k // M. Each row is
+masked by draws keyed by (seed, position) and each micro-batch's dropout seed comes from its first position,
+so a sample is masked alike however the batch is split. A loader's state is the position it reached, the same
+on every rank: a run resumes exactly on any number of ranks, workers and micro-batch size.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -28,6 +30,9 @@ from pipeline.store import Store
 from pipeline.vocab import vocab_hash
 
 log = logging.getLogger(__name__)
+LOADER_STATE_VERSION = 2  # 1: per-rank streams (cannot continue in the global order)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MASKING, DROPOUT = 1, 2  # what a key is drawn for
 
 
 class ShardSet:
@@ -105,116 +110,193 @@ class ShardSet:
         return ids, types, labels
 
 
-def stream_indices(offsets: list[int], stream: int, streams: int, seed: int, buffer: int,
-                   epochs: int | None = None) -> Iterator[int]:
-    """Global row indices for one stream.
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, a bijective scramble of uint64s (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
-    Each epoch visits the shards in a fresh random order (the same for every stream); the stream takes every
-    `streams`-th row of the concatenated epochs and shuffles them through a buffer of `buffer` indices.
+
+def sample_keys(seed: int, positions: np.ndarray, purpose: int) -> np.ndarray:
+    """One uint64 key per global position: what the masking or dropout of that sample derives from."""
+    with np.errstate(over="ignore"):
+        base = _mix(np.uint64(seed % 2**64) * _GOLDEN + np.uint64(purpose))
+        return _mix(base ^ (np.asarray(positions, dtype=np.uint64) * _GOLDEN))
+
+
+class RowRandom:
+    """The draws of numpy's Generator that MLMCollator uses (`random`, `integers`), but counter-based per row:
+    value [i, j] of the n-th call depends only on keys[i], n and j (SplitMix64 on key + counter), so a row is
+    masked alike whatever batch it shares and however wide that batch is padded. A numpy generator per row
+    would cost about 60 us a row, ten times the whole collator."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.asarray(keys, dtype=np.uint64)
+        self.calls = 0
+
+    def _bits(self, size: int | tuple[int, ...]) -> np.ndarray:
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        if shape[0] != len(self.keys):
+            raise ValueError(f"RowRandom draws per row: the first dimension must be {len(self.keys)}, not {shape[0]}")
+        columns = int(np.prod(shape[1:], dtype=np.int64))
+        self.calls += 1
+        counter = (np.uint64(self.calls) << np.uint64(32)) + np.arange(columns, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            return _mix(self.keys[:, None] + counter[None, :] * _GOLDEN).reshape(shape)
+
+    def random(self, size: int | tuple[int, ...]) -> np.ndarray:
+        return (self._bits(size) >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+    def integers(self, low: int, high: int, size: int | tuple[int, ...]) -> np.ndarray:
+        return low + (self.random(size) * (high - low)).astype(np.int64)
+
+
+class SampleOrder:
+    """Which row is the p-th sample of the run, in bounded memory.
+
+    Epoch e = p // rows visits the shards in an order drawn from (seed, e); its rows, concatenated in that
+    order, are cut into windows of `window` rows and window w is permuted by a generator seeded by
+    (seed, e, w). Only the current epoch's shard order and the last few windows' permutations are kept.
     """
-    rng = random.Random(f"{seed}:stream:{stream}")
-    pool: list[int] = []
-    position, epoch = 0, 0
-    while epochs is None or epoch < epochs:
-        order = list(range(len(offsets) - 1))
-        random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
-        for i in order:
-            lo, hi = offsets[i], offsets[i + 1]
-            for row in range(lo + (stream - position) % streams, hi, streams):
-                if len(pool) < buffer:
-                    pool.append(row)
-                    continue
-                k = rng.randrange(buffer)
-                yield pool[k]
-                pool[k] = row
-            position += hi - lo
-        epoch += 1
-    rng.shuffle(pool)
-    yield from pool
+
+    def __init__(self, offsets: list[int] | np.ndarray, seed: int, window: int):
+        offsets = np.asarray(offsets, dtype=np.int64)
+        self.first, self.sizes = offsets[:-1], np.diff(offsets)
+        self.rows = int(offsets[-1])
+        if self.rows == 0:
+            raise BertpipeError("the shard set has no rows to train on")
+        self.seed, self.window = seed, max(1, min(int(window), self.rows))
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _shards(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start of each shard within the epoch's concatenation, its first global row), in visiting order."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.sizes))
+            starts = np.concatenate([[0], np.cumsum(self.sizes[order])[:-1]])
+            self._epoch = (epoch, starts, self.first[order])
+        return self._epoch[1], self._epoch[2]
+
+    def _permutation(self, epoch: int, window: int) -> np.ndarray:
+        key = (epoch, window)
+        if key not in self._windows:
+            length = min(self.window, self.rows - window * self.window)
+            self._windows[key] = np.random.default_rng([self.seed, 1, epoch, window]).permutation(length)
+            if len(self._windows) > 4:
+                self._windows.popitem(last=False)
+        return self._windows[key]
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Global row indices of global positions (any order, any epochs)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty(len(positions), dtype=np.int64)
+        epoch, within = np.divmod(positions, self.rows)
+        window, offset = np.divmod(within, self.window)
+        for e, w in sorted(set(zip(epoch.tolist(), window.tolist(), strict=True))):
+            pick = (epoch == e) & (window == w)
+            concatenated = w * self.window + self._permutation(e, w)[offset[pick]]
+            starts, first = self._shards(e)
+            shard = np.searchsorted(starts, concatenated, side="right") - 1
+            out[pick] = first[shard] + concatenated - starts[shard]
+        return out
+
+    def shards_per_window(self) -> int:
+        """The most shards one window can touch: the smallest shards that fit in it, plus one at each end."""
+        fits = int(np.searchsorted(np.cumsum(np.sort(self.sizes)), self.window, side="right"))
+        return min(len(self.sizes), fits + 2)
 
 
 class PretrainingStream(IterableDataset):
-    """Masked batches of one rank; each DataLoader worker serves its own stream."""
+    """One rank's micro-batches from number `start` on; DataLoader worker w of W serves start + w, + W, ..."""
 
-    def __init__(self, shards: ShardSet, collator: MLMCollator, batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, seed: int = 0, shuffle_buffer: int = 10_000,
-                 epochs: int | None = None, served: dict[int, int] | None = None, shift: int = 0):
+    def __init__(self, loader: PretrainingLoader, start: int):
         super().__init__()
-        self.shards, self.collator, self.batch_size = shards, collator, batch_size
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
-        self.seed, self.shuffle_buffer, self.epochs = seed, shuffle_buffer, epochs
-        self.served = served or {}
-        self.shift = shift
-        if shards.rows < world_size * self.workers:
-            raise BertpipeError(f"{shards.rows} rows cannot feed {world_size * self.workers} streams "
-                                "(ranks x loader workers)")
-
-    def stream_id(self, worker: int) -> int:
-        return self.rank * self.workers + (worker + self.shift) % self.workers
+        self.loader, self.start = loader, start
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        stream = self.stream_id(info.id if info else 0)
-        indices = stream_indices(self.shards.offsets.tolist(), stream, self.world_size * self.workers, self.seed,
-                                 self.shuffle_buffer, self.epochs)
-        batch_index = self.served.get(stream, 0)
-        for _ in range(batch_index * self.batch_size):  # replay: index work only, no data read
-            next(indices, None)
-        while True:
-            rows = [r for _, r in zip(range(self.batch_size), indices, strict=False)]
-            if not rows:
-                return
-            ids, types, labels = self.shards.fetch(rows)
-            rng = np.random.default_rng([self.seed, stream, batch_index])
-            batch = self.collator(ids, types, labels, rng)
-            batch["rows"] = torch.tensor(rows, dtype=torch.int64)
-            batch["stream"] = torch.tensor(stream)
-            batch["batch_index"] = torch.tensor(batch_index)
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        index = self.start + worker
+        while (batch := self.loader.micro_batch(index)) is not None:
             yield batch
-            batch_index += 1
+            index += workers
 
 
 class PretrainingLoader:
-    """A DataLoader over a PretrainingStream that knows how far each stream got: state_dict() resumes it."""
+    """This rank's share of the global order, as masked micro-batches; state_dict() is the position reached.
+
+    Rank r of M with micro-batch B and global batch G serves, for step s and accumulation step a
+    (A = G / (M x B) of them), the B positions from s*G + (a*M + r)*B. `epochs` ends the order after that
+    many passes (its last incomplete global batch is dropped, so every rank serves as many batches).
+    """
 
     def __init__(self, shards: ShardSet, collator: MLMCollator, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, workers: int = 0, seed: int = 0, shuffle_buffer: int = 10_000,
-                 epochs: int | None = None, prefetch: int = 2):
+                 epochs: int | None = None, prefetch: int = 2, global_batch: int | None = None):
         self.shards, self.collator, self.batch_size = shards, collator, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer, self.epochs, self.prefetch = seed, shuffle_buffer, epochs, prefetch
-        self.served: dict[int, int] = {}
-        self.consumed = 0
+        self.global_batch = global_batch or batch_size * world_size
+        if self.global_batch % (batch_size * world_size):
+            raise BertpipeError(f"a global batch of {self.global_batch} does not split into micro-batches of "
+                                f"{batch_size} on {world_size} rank(s)")
+        self.accumulation = self.global_batch // (batch_size * world_size)
+        self.order = SampleOrder(shards.offsets, seed, shuffle_buffer)
+        shards._cache_size = max(shards._cache_size, self.order.shards_per_window() + 1)
+        self.origin = 0  # the global position this loader started from (a resumed run's)
+        self.consumed = 0  # micro-batches this rank has served since then
+        self.end = None if epochs is None else (epochs * shards.rows) // self.global_batch * self.global_batch
+
+    def first_position(self, index: int) -> int:
+        """The global position of this rank's micro-batch `index` (counted from the loader's origin)."""
+        step, micro = divmod(index, self.accumulation)
+        return self.origin + step * self.global_batch + (micro * self.world_size + self.rank) * self.batch_size
+
+    def micro_batch(self, index: int) -> dict | None:
+        """This rank's micro-batch `index`: masked, with its global rows, first position and dropout seed."""
+        first = self.first_position(index)
+        if self.end is not None and first + self.batch_size > self.end:
+            return None
+        positions = np.arange(first, first + self.batch_size, dtype=np.int64)
+        rows = self.order.rows_at(positions)
+        ids, types, labels = self.shards.fetch(rows.tolist())
+        batch = self.collator(ids, types, labels, RowRandom(sample_keys(self.seed, positions, MASKING)))
+        batch["rows"] = torch.from_numpy(rows)
+        batch["position"] = torch.tensor(first)
+        batch["seed"] = torch.tensor(int(sample_keys(self.seed, positions[:1], DROPOUT)[0] >> np.uint64(1)))
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
-        stream = PretrainingStream(
-            self.shards, self.collator, self.batch_size, rank=self.rank, world_size=self.world_size,
-            workers=self.workers, seed=self.seed, shuffle_buffer=self.shuffle_buffer, epochs=self.epochs,
-            served=dict(self.served), shift=self.consumed % max(self.workers, 1),
-        )
-        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which
-        # would shift dropout after a resume
+        stream = PretrainingStream(self, self.consumed)
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
-            self.served[int(batch["stream"])] = int(batch["batch_index"]) + 1
             self.consumed += 1
             yield batch
 
+    def position(self) -> int:
+        """The global position the next step starts at (only defined between steps)."""
+        step, micro = divmod(self.consumed, self.accumulation)
+        if micro:
+            raise ValueError(f"the loader is inside a step ({micro} of {self.accumulation} micro-batches served)")
+        return self.origin + step * self.global_batch
+
     def state_dict(self) -> dict:
-        return {"version": 1, "rank": self.rank, "world_size": self.world_size, "workers": self.workers,
-                "seed": self.seed, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
-                "rows": self.shards.rows, "served": {str(k): v for k, v in self.served.items()},
-                "consumed": self.consumed}
+        return {"version": LOADER_STATE_VERSION, "position": self.position(), "seed": self.seed,
+                "shuffle_buffer": self.shuffle_buffer, "rows": self.shards.rows, "global_batch": self.global_batch,
+                "world_size": self.world_size, "micro_batch": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; the settings that shape the streams must be the ones it was saved with."""
-        for key, now in (("world_size", self.world_size), ("workers", self.workers), ("seed", self.seed),
-                         ("batch_size", self.batch_size), ("shuffle_buffer", self.shuffle_buffer),
-                         ("rows", self.shards.rows)):
+        """Continue from `state`, on any number of ranks; the settings that shape the order must be the same."""
+        if state.get("version") != LOADER_STATE_VERSION:
+            raise BertpipeError("cannot resume the data loader: its saved state is per rank (an older bertpipe), "
+                                "not a position in the global order; start a new run with model.init_from")
+        for key, now in (("seed", self.seed), ("shuffle_buffer", self.shuffle_buffer), ("rows", self.shards.rows),
+                         ("global_batch", self.global_batch)):
             if state[key] != now:
                 raise BertpipeError(f"cannot resume the data loader: {key} was {state[key]}, is now {now}")
-        self.served = {int(k): v for k, v in state["served"].items()}
-        self.consumed = state["consumed"]
+        self.origin, self.consumed = int(state["position"]), 0

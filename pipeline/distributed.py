@@ -1,8 +1,10 @@
 """Process-group setup for every launcher: torchrun, the deepspeed launcher, srun, or a single process.
 
 Ranks come from torch's variables (RANK, WORLD_SIZE, LOCAL_RANK) when a launcher set them, else from
-SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) under srun, else this is rank 0 of 1. The backend is
-NCCL on GPUs and gloo on the CPU.
+SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) under srun, else this is rank 0 of 1; the node index from
+torchrun's GROUP_RANK or SLURM_NODEID. Under srun the rendezvous is the first node of the allocation, by its
+NodeAddr (what slurmd listens on, which may differ from its name). The backend is NCCL on GPUs and gloo on
+the CPU (GLOO_SOCKET_IFNAME picks its interface where the hostname does not resolve to the right one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    node: int = 0  # index of this rank's node among the job's nodes
 
     @property
     def main(self) -> bool:
@@ -35,14 +38,21 @@ def _free_port() -> int:
 
 
 def _slurm_master() -> str:
+    """The address of the allocation's first node: its NodeAddr in slurm.conf, else its name."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes:
         return "127.0.0.1"
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
+        first = out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return nodes.split(",")[0]
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return first
+    fields = dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
+    return fields.get("NodeAddr") or first
 
 
 def init_distributed() -> Dist:
@@ -69,7 +79,18 @@ def init_distributed() -> Dist:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    node = int(env.get("GROUP_RANK") or env.get("SLURM_NODEID") or 0)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, node)
+
+
+def placement(d: Dist) -> list[dict]:
+    """Where every rank runs (rank, local rank, node, host), gathered from all ranks: the run's layout."""
+    me = {"rank": d.rank, "local_rank": d.local_rank, "node": d.node, "host": socket.gethostname()}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [me]
+    every: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, me)
+    return every
 
 
 def all_mean(values: list[float], device: torch.device) -> list[float]:
@@ -92,3 +113,12 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (a small picklable object, such as an error message or None)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

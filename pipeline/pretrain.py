@@ -2,9 +2,10 @@
 
 One code path for the CPU (gloo) and GPUs (NCCL), launched by torchrun, the deepspeed launcher, srun or as a
 single process. ZeRO, mixed precision, gradient accumulation and clipping are DeepSpeed's, configured from
-the YAML (a DeepSpeed JSON may be merged on top). The loop, in the order one would explain it: resume →
-for each step: micro-batches (forward, backward) → optimizer step → NaN check → log → eval → checkpoint →
-stop on SIGTERM/SIGUSR1 → at the end consolidate fp32 weights and export HF format.
+the YAML (a DeepSpeed JSON may be merged on top). A checkpoint resumes on any number of ranks: the loader's
+order is global and DeepSpeed's universal checkpoint reshards the optimizer. The loop, in the order one would
+explain it: resume → for each step: micro-batches (forward, backward) → optimizer step → NaN check → log →
+eval → checkpoint → stop on SIGTERM/SIGUSR1 → at the end consolidate fp32 weights and export HF format.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.checkpoint import CheckpointManager
 from pipeline.collate import MaskingConfig, MLMCollator, continuation_flags
 from pipeline.config import check_all, to_dict
 from pipeline.dataset import PretrainingLoader, ShardSet
-from pipeline.distributed import Dist, all_mean, any_rank, barrier, init_distributed
+from pipeline.distributed import Dist, all_mean, any_rank, barrier, init_distributed, placement
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import export_hf, load_weights
 from pipeline.log import progress
@@ -62,7 +63,7 @@ class DataArgs:
     micro_batch: int = 32  # sequences per rank per forward pass
     global_batch: int = 256  # sequences per optimizer step over all ranks (gradient accumulation fills the gap)
     loader_workers: int = 1  # DataLoader worker processes per rank
-    shuffle_buffer: int = 10_000
+    shuffle_buffer: int = 10_000  # rows permuted together: windows of each epoch's (shuffled) shard order
     masking: MaskingConfig = field(default_factory=lambda: MaskingConfig(max_predictions=0))
 
 
@@ -121,9 +122,13 @@ def lr_factor(step: int, cfg: PretrainConfig) -> float:
 def deepspeed_config(cfg: PretrainConfig, world_size: int, on_gpu: bool) -> dict:
     """The DeepSpeed config generated from the YAML, with a user JSON (if any) merged on top."""
     per_step = cfg.data.micro_batch * world_size
+    if cfg.data.global_batch % world_size:
+        raise BertpipeError(f"data.global_batch {cfg.data.global_batch} cannot be split evenly over {world_size} "
+                            "ranks: run on a number of ranks that divides it")
     if cfg.data.global_batch % per_step:
         raise BertpipeError(f"data.global_batch {cfg.data.global_batch} is not a multiple of micro_batch x ranks "
-                            f"= {cfg.data.micro_batch} x {world_size}")
+                            f"= {cfg.data.micro_batch} x {world_size}; on {world_size} ranks data.micro_batch "
+                            f"must divide {cfg.data.global_batch // world_size}")
     if cfg.optim.name == "lamb" and not on_gpu:
         raise BertpipeError("optim.name=lamb needs a GPU (DeepSpeed's fused LAMB); use adamw on the CPU")
     if cfg.precision == "fp16" and not on_gpu:
@@ -246,38 +251,48 @@ def pretrain(cfg: PretrainConfig) -> int:
     if masking.max_predictions == 0:  # BERT's: 20 at seq 128, 80 at 512
         masking = MaskingConfig(**{**to_dict(masking), "max_predictions": round(max_len * 5 / 32)})
     collator = MLMCollator(special, masking, continuation_flags(tokenizer) if masking.whole_word else None)
+    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
     loader = PretrainingLoader(train_set, collator, cfg.data.micro_batch, rank=dist.rank,
                                world_size=dist.world_size, workers=cfg.data.loader_workers, seed=cfg.seed,
-                               shuffle_buffer=cfg.data.shuffle_buffer)
+                               shuffle_buffer=cfg.data.shuffle_buffer, global_batch=cfg.data.global_batch)
+    checkpoints = CheckpointManager(run_dir, cfg.keep_checkpoints, dist.rank, dist.world_size)
+    tag = checkpoints.latest()
+    meta = checkpoints.check(tag, dist.world_size, cfg.zero_stage) if tag else None
+    reshard = meta is not None and checkpoints.needs_universal(meta)
+    if reshard:  # optimizer state partitioned over another number of ranks: DeepSpeed reshards it
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     model = _build_model(cfg, special.vocab_size, max_len)
     if cfg.model.compile:
         model = torch.compile(model)
-    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
     import deepspeed
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.param_groups(cfg.optim.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)),
     )
-    checkpoints = CheckpointManager(run_dir, cfg.keep_checkpoints, dist.rank, dist.world_size)
     step = 0
-    tag = checkpoints.latest()
     if tag:
-        checkpoints.check(tag, dist.world_size, cfg.zero_stage)
-        state = checkpoints.load(engine, tag)
+        state = checkpoints.load(engine, tag, meta)
         step = state["step"]
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
-        if dist.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        log.info("resumed from %s at step %d", tag, step)
+        log.info("resumed from %s at step %d%s", tag, step,
+                 f" on {dist.world_size} rank(s), written by {meta['world_size']}"
+                 f"{' (optimizer resharded from a universal checkpoint)' if reshard else ''}"
+                 if meta["world_size"] != dist.world_size else "")
 
     peak, peak_source = peak_tflops(cfg, dist.device)
     tracker = Tracker(run_dir, cfg.track, to_dict(cfg), enabled=dist.main)
-    if dist.main and step == 0:
-        tracker.log({"flop_convention": FLOP_CONVENTION, "peak_tflops": peak, "peak_source": peak_source,
-                     "world_size": dist.world_size, "deepspeed": ds_config}, step, event="start")
+    ranks = placement(dist)
+    if dist.main:
+        layout = {"world_size": dist.world_size, "nodes": len({(r["node"], r["host"]) for r in ranks}),
+                  "ranks": ranks}
+        if step == 0:
+            tracker.log({"flop_convention": FLOP_CONVENTION, "peak_tflops": peak, "peak_source": peak_source,
+                         **layout, "deepspeed": ds_config}, step, event="start")
+        else:
+            tracker.log({**layout, "from": tag, "written_by": meta["world_size"], "resharded": reshard}, step,
+                        event="resume")
     flops_per_token = model.flops_per_token(max_len, masking.mlm_probability)
     stop = _Stop()
     grad_accum = ds_config["gradient_accumulation_steps"]
@@ -294,6 +309,9 @@ def pretrain(cfg: PretrainConfig) -> int:
             for _ in range(grad_accum):
                 batch = next(batches)
                 inputs = {k: batch[k].to(dist.device) for k in MODEL_INPUTS}
+                # dropout drawn from the micro-batch's own seed: the same on whichever rank serves it, on any
+                # world size, after any resume
+                torch.manual_seed(int(batch["seed"]))
                 out = engine(**inputs)
                 engine.backward(out.loss)
                 boundary = engine.is_gradient_accumulation_boundary()
@@ -404,10 +422,10 @@ def evaluate(engine, cfg: PretrainConfig, every: ShardSet, first_eval_shard: int
 
 def _save(checkpoints: CheckpointManager, engine, step: int, loader: PretrainingLoader, cfg: PretrainConfig,
           dist: Dist) -> None:
-    state = {"loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}
-    if dist.device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(dist.device)
-    tag = checkpoints.save(engine, step, state, {"zero_stage": cfg.zero_stage, "precision": cfg.precision})
+    state = {"loader": loader.state_dict()}  # no RNG state: dropout is seeded by each micro-batch
+    tag = checkpoints.save(engine, step, state, {"zero_stage": cfg.zero_stage, "precision": cfg.precision,
+                                                 "global_batch": cfg.data.global_batch,
+                                                 "micro_batch": cfg.data.micro_batch})
     log.info("saved checkpoint %s", tag)
 
 

@@ -1,5 +1,6 @@
 """The pretrain stage on real Wikipedia shards, the tiny model on the CPU: DeepSpeed over 2 gloo ranks,
-ZeRO-2/3, exact resume after kill -9, SIGTERM, W&B offline and metrics, bad input."""
+ZeRO-2/3, exact resume after kill -9, SIGTERM, W&B offline and metrics, bad input (other world sizes and
+nodes: test_world_size.py)."""
 
 from __future__ import annotations
 
@@ -165,13 +166,11 @@ def test_bad_inputs(wiki_shards, wiki_vocab, tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_and_other_world_size_are_refused(wiki_shards, wiki_vocab, tmp_path):
+def test_damaged_checkpoint_is_refused(wiki_shards, wiki_vocab, tmp_path):
     run_dir = tmp_path / "ckpt"
     proc = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=2", "zero_stage=1", "export=false"))
     assert proc.returncode == 0, why(proc)
     more = command(wiki_shards, wiki_vocab, run_dir, "max_steps=4", "zero_stage=1", "export=false")
-    two = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=4", "zero_stage=1", "export=false", ranks=2))
-    assert two.returncode != 0 and "written by 1 rank(s) with ZeRO stage 1; this run has 2" in two.stderr
     ckpt = run_dir / "checkpoints" / "step-00000002"
     victim = max((p for p in ckpt.rglob("*.pt")), key=lambda p: p.stat().st_size)
     data = victim.read_bytes()
@@ -181,7 +180,7 @@ def test_damaged_checkpoint_and_other_world_size_are_refused(wiki_shards, wiki_v
     victim.write_bytes(data[:-8] + bytes(8))
     proc = run(more)
     assert proc.returncode == 1 and "is corrupt" in proc.stderr.splitlines()[-1]
-    assert torch.load(ckpt / "rank-00000.pt", weights_only=True)["loader"]["served"]
+    assert torch.load(ckpt / "rank-00000.pt", weights_only=True)["loader"]["position"] == 2 * 32
     assert json.loads((ckpt / "meta.json").read_text())["zero_stage"] == 1
 
 
