@@ -7,10 +7,10 @@ file's size and sha256), written last. `checkpoints/latest` names the newest com
 replaced atomically after every rank has finished, so a crash while saving leaves the previous checkpoint in
 charge.
 
-On another number of ranks, optimizer state that ZeRO (or the bf16 optimizer) partitioned by rank is resharded
-by DeepSpeed's universal checkpoint: rank 0 converts the checkpoint once with `ds_to_universal` into
+On another number of ranks, optimizer state that ZeRO-1/2/3 partitioned by rank (`*_optim_states.pt`) is
+resharded by DeepSpeed's universal checkpoint: rank 0 converts the checkpoint once with `ds_to_universal` into
 `checkpoints/universal/<tag>/` (built under a temporary name and renamed) and every rank loads it with
-`load_universal`. Unpartitioned state (ZeRO-0 in fp32) loads as it is.
+`load_universal`. Unpartitioned state (ZeRO-0, fp32 or bf16) loads as it is.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""A real single-node SLURM (munged, slurmctld, slurmd on localhost) started and stopped by the tests.
+"""A real two-node SLURM on localhost (munged, slurmctld, and one slurmd per node) started and stopped by the tests.
 
-Needs root (the daemons run as root here) and Debian's slurm packages, which it installs with apt-get when
-they are missing. Its config, state and spool live in a temporary directory; clients find it through
-SLURM_CONF.
+The nodes n1 and n2 are two `slurmd -N NAME` daemons on 127.0.0.1, each on its own port with its own spool,
+pid and log file, and, where `unshare` is allowed, its own hostname (a UTS namespace), so a job step sees
+`hostname` n1 or n2 as on a cluster. Needs root (the daemons run as root here) and Debian's slurm packages,
+which it installs with apt-get when they are missing. Its config, state and spool live in a temporary
+directory; clients find it through SLURM_CONF.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import psutil
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+NODES = {"n1": 16818, "n2": 16819}  # node name: slurmd port (fixed: run SLURM tests under the flock)
 
 
 class Unavailable(Exception):
@@ -56,9 +59,11 @@ class Cluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def write_conf(self) -> None:
-        for d in ("state", "spool", "run", "log"):
+        for d in ("state", "run", "log", *(f"spool/{n}" for n in NODES)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        memory = int(psutil.virtual_memory().total / 2**20 * 0.8)
+        memory = int(psutil.virtual_memory().total / 2**20 * 0.8 / len(NODES))
+        nodes = "\n".join(f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} "
+                          f"CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN" for name, port in NODES.items())
         self.conf.write_text(f"""\
 ClusterName=bertpipe-test
 SlurmctldHost={self.host}(127.0.0.1)
@@ -67,11 +72,11 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool
+SlurmdSpoolDir={self.root}/spool/%n
 SlurmctldPidFile={self.root}/run/slurmctld.pid
-SlurmdPidFile={self.root}/run/slurmd.pid
+SlurmdPidFile={self.root}/run/slurmd-%n.pid
 SlurmctldLogFile={self.root}/log/slurmctld.log
-SlurmdLogFile={self.root}/log/slurmd.log
+SlurmdLogFile={self.root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -82,8 +87,8 @@ ReturnToService=2
 MpiDefault=none
 MinJobAge=3600
 KillWait=30
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def start(self) -> None:
@@ -93,25 +98,43 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         _start_munge()
         self.write_conf()
         subprocess.run(["/usr/sbin/slurmctld", "-i", "-f", str(self.conf)], check=True, env=self.env)
-        subprocess.run(["/usr/sbin/slurmd", "-f", str(self.conf)], check=True, env=self.env)
+        own_hostname = subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode == 0
+        for name in NODES:
+            slurmd = f"exec /usr/sbin/slurmd -f {self.conf} -N {name}"
+            command = ["unshare", "--uts", "sh", "-c", f"hostname {name} && {slurmd}"] if own_hostname \
+                else ["sh", "-c", slurmd]
+            subprocess.run(command, check=True, env=self.env)
+        # a second slurmd that failed to bind its port still shows as idle in sinfo: wait for every pid file
+        pid_files = [self.root / "run" / f"slurmd-{name}.pid" for name in NODES]
         deadline = time.time() + 60
+        states = []
         while time.time() < deadline:
-            out = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if out in ("idle", "mixed", "allocated"):
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if all(p.exists() for p in pid_files) and len(states) == len(NODES) and \
+                    all(s in ("idle", "mixed", "allocated") for s in states):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"slurmd did not come up: sinfo says {out!r}")
+        raise RuntimeError(f"the slurmd daemons did not come up: sinfo says {states!r}, pid files "
+                           f"{[p.name for p in pid_files if p.exists()]}")
 
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld"):
+        for name in (*(f"slurmd-{n}" for n in NODES), "slurmctld"):
             pid_file = self.root / "run" / f"{name}.pid"
             if pid_file.exists():
                 pid = int(pid_file.read_text().split()[0])
                 try:
                     os.kill(pid, signal.SIGTERM)
-                    psutil.Process(pid).wait(timeout=30)
-                except (ProcessLookupError, psutil.NoSuchProcess):
-                    pass
+                except ProcessLookupError:
+                    continue
+                # stopped once its pid file is gone or it is a zombie (PID 1 may reap it late here)
+                deadline = time.time() + 30
+                while time.time() < deadline and pid_file.exists():
+                    try:
+                        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                            break
+                    except psutil.NoSuchProcess:
+                        break
+                    time.sleep(0.1)
 
     def run(self, *args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), capture_output=True, text=True, env=self.env, check=check, cwd=cwd)

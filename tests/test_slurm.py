@@ -1,4 +1,4 @@
-"""SLURM, for real: a slurmctld and slurmd started by the tests run bertpipe's batch scripts."""
+"""SLURM, for real: a slurmctld and two slurmd nodes started by the tests run bertpipe's batch scripts."""
 
 from __future__ import annotations
 
@@ -26,6 +26,28 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
 
 
+def preempt_and_requeue(slurm, job: str, run_dir: Path, after: int = 20) -> str:
+    """USR1 once the job has trained `after` steps; let it checkpoint, requeue itself and finish; its final state.
+    The time limits only bound a failure: on a crowded 2-core machine a 150-step run takes many minutes."""
+    deadline = time.time() + 1200
+    while time.time() < deadline and max(train_losses(run_dir), default=0) < after:
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm.job(job)
+        time.sleep(0.5)
+    slurm.run("scancel", "-s", "USR1", job)
+    # the job checkpoints, exits 75 and requeues itself; a requeued job waits for its begin time: start it now
+    while time.time() < deadline and slurm.job(job).get("Restarts", "0") == "0":
+        time.sleep(0.5)
+    assert slurm.job(job)["Restarts"] == "1"
+    while time.time() < deadline and slurm.job(job)["JobState"] != "PENDING":
+        time.sleep(0.5)
+    # slurmd revokes the first run's credential with a timestamp in whole seconds: a relaunch within the same
+    # second is refused ("Job credential revoked") and the job fails without running. On a real cluster the
+    # requeued job waits for its begin time (a minute or more); here it may start once that second has passed.
+    time.sleep(2)
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+    return slurm.wait([job], timeout=1200)[job]
+
+
 def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm, wiki_shards, wiki_vocab, tmp_path):
     import subprocess
 
@@ -45,23 +67,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm,
                           str(ROOT / "slurm/pretrain.sbatch")], capture_output=True, text=True, env=env)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    deadline = time.time() + 600
-    while time.time() < deadline and max(train_losses(run_dir), default=0) < 20:
-        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm.job(job)
-        time.sleep(0.5)
-    slurm.run("scancel", "-s", "USR1", job)
-    # the job checkpoints, exits 75 and requeues itself; a requeued job waits for its begin time: start it now
-    while time.time() < deadline and slurm.job(job).get("Restarts", "0") == "0":
-        time.sleep(0.5)
-    assert slurm.job(job)["Restarts"] == "1"
-    while time.time() < deadline and slurm.job(job)["JobState"] != "PENDING":
-        time.sleep(0.5)
-    # slurmd revokes the first run's credential with a timestamp in whole seconds: a relaunch within the same
-    # second is refused ("Job credential revoked") and the job fails without running. On a real cluster the
-    # requeued job waits for its begin time (a minute or more); here it may start once that second has passed.
-    time.sleep(2)
-    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
-    assert slurm.wait([job], timeout=600)[job] == "COMPLETED"
+    assert preempt_and_requeue(slurm, job, run_dir) == "COMPLETED"
     log = next((work / "logs").glob(f"bertpipe-pretrain-{job}.out")).read_text()
     assert "preempted after a checkpoint: requeueing" in log and "restart count 1" in log
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
@@ -72,20 +78,66 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm,
     assert os.path.exists(run_dir / "config.yaml")
 
 
+def test_a_two_node_job_runs_a_rank_per_node_and_requeues_to_finish_exactly(slurm, wiki_shards, wiki_vocab, tmp_path):
+    """`sbatch --nodes 2` of slurm/pretrain.sbatch: one srun task per node, gloo between them, USR1 mid-run,
+    requeued, and every step's loss and rows equal to an uninterrupted two-rank run."""
+    import subprocess
+
+    two_ranks = " data.global_batch=32 zero_stage=2 max_steps=60"
+    reference = tmp_path / "reference"
+    overrides = pretrain_overrides(wiki_shards, wiki_vocab, reference) + two_ranks
+    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); "
+                           "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, str(BIN / "bertpipe"),
+                           "pretrain", "--config", str(ROOT / "recipes/pretrain/tiny-cpu.yaml"), *overrides.split(),
+                           "--quiet"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    run_dir = work / "run"
+    env = {**slurm.env, "BERTPIPE_HOME": str(ROOT), "BERTPIPE": str(BIN / "bertpipe"), "GLOO_SOCKET_IFNAME": "lo",
+           "CONFIG": str(ROOT / "recipes/pretrain/tiny-cpu.yaml"),
+           "OVERRIDES": pretrain_overrides(wiki_shards, wiki_vocab, run_dir) + two_ranks}
+    sub = subprocess.run(["sbatch", "--parsable", f"--chdir={work}", "--nodes=2", "--ntasks-per-node=1",
+                          "--cpus-per-task=1", str(ROOT / "slurm/pretrain.sbatch")], capture_output=True, text=True,
+                         env=env)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    log_file = work / "logs" / f"bertpipe-pretrain-{job}.out"
+    assert preempt_and_requeue(slurm, job, run_dir, after=10) == "COMPLETED", log_file.read_text()[-3000:]
+    log = log_file.read_text()
+    assert "2 rank(s) on 2 node(s)" in log and "preempted after a checkpoint: requeueing" in log
+    assert "restart count 1" in log
+    start = next(r for r in read_metrics(run_dir) if r["event"] == "start")
+    assert start["nodes"] == 2 and sorted(r["node"] for r in start["ranks"]) == [0, 1]
+    assert [r["rank"] for r in start["ranks"]] == [0, 1]
+    hosts = {r["host"] for r in start["ranks"]}
+    assert hosts == {"n1", "n2"} or len(hosts) == 1  # n1/n2 where the test cluster could give each its hostname
+    resume = next(r for r in read_metrics(run_dir) if r["event"] == "resume")
+    assert resume["world_size"] == 2 and not resume["resharded"] and resume["step"] < 60
+    got = {r["step"]: (r["loss"], r["samples_digest"]) for r in read_metrics(run_dir) if r["event"] == "train"}
+    want = {r["step"]: (r["loss"], r["samples_digest"]) for r in read_metrics(reference) if r["event"] == "train"}
+    assert sorted(got) == list(range(1, 61)) and got == want
+
+
 def test_submit_pipeline_runs_the_demo_as_chained_jobs_that_all_complete(slurm, data, tmp_path):
-    """slurm/submit_pipeline.sh on the demo profile (shorter: 60 steps, 600 examples): every job COMPLETED,
-    every stage's output in place, one log per job, the leaderboard ranks the four runs."""
+    """slurm/submit_pipeline.sh on the demo profile (shorter: 60 steps, 600 examples) with pretraining on two
+    nodes: every job COMPLETED, every stage's output in place, one log per job, the leaderboard ranks the four
+    runs."""
     import subprocess
 
     build = tmp_path / "demo"
     env = {**slurm.env, "BERTPIPE": str(BIN / "bertpipe"), "DATA_DIR": str(data), "CPUS_PER_TASK": "1",
-           "PRETRAIN_OVERRIDES": "max_steps=60 eval_every=0 checkpoint_every=30 track.wandb=offline",
+           "GLOO_SOCKET_IFNAME": "lo",
+           "PRETRAIN_OVERRIDES": "max_steps=60 eval_every=0 checkpoint_every=30 track.wandb=offline "
+                                 "data.micro_batch=16",
            "FINETUNE_OVERRIDES": "task.max_train=600 task.max_eval=200 task.max_len=48 trainer.max_epochs=1 "
                                  "trainer.lr=2e-4 trainer.accelerator=cpu track.wandb=disabled",
            "BASELINE_OVERRIDES": "task.max_train=600 task.max_eval=200 task.max_len=48 trainer.max_epochs=1 "
                                  "trainer.accelerator=cpu track.wandb=disabled"}
     sub = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "recipes/pipeline/demo.sh", "--build",
-                          str(build), "--time", "01:00:00"], capture_output=True, text=True, env=env)
+                          str(build), "--time", "01:00:00", "--nodes", "2"], capture_output=True, text=True, env=env)
     assert sub.returncode == 0, sub.stderr
     jobs = dict(line.split() for line in sub.stdout.splitlines())
     assert list(jobs) == ["vocab", "shard", "shard-merge", "pretrain", "finetune", "baselines", "leaderboard"]
@@ -97,6 +149,8 @@ def test_submit_pipeline_runs_the_demo_as_chained_jobs_that_all_complete(slurm, 
     assert (build / "vocab" / "manifest.json").is_file() and (build / "shards" / "manifest.json").is_file()
     assert (build / "pretrain" / "export" / "model.safetensors").is_file()
     assert max(train_losses(build / "pretrain")) == 60
+    start = next(r for r in read_metrics(build / "pretrain") if r["event"] == "start")
+    assert start["world_size"] == 2 and start["nodes"] == 2  # one rank on each node
     runs = ["sst2", "sst2-lstm", "sst2-bilstm", "sst2-gru"]
     for run in runs:
         assert (build / "runs" / run / "results.json").is_file(), run
