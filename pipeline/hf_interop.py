@@ -5,16 +5,22 @@ config beside them. A bertpipe checkpoint is `model.safetensors` + `model_config
 `BertConfig`, also kept in the safetensors metadata so a lone file describes itself); an HF directory is
 `model.safetensors` + `config.json` (+ tokenizer files). Nothing is ever unpickled beyond tensors:
 `pytorch_model.bin` files go through `torch.load(weights_only=True)`.
+
+A pretraining run directory is read from its latest DeepSpeed checkpoint: the fp32 master weights, whichever
+ZeRO stage and precision wrote them (`consolidated_state`), and the architecture from the run's
+`model_config.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import pickle
 import shutil
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,9 @@ TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weigh
         "cls.predictions.decoder.bias": "cls.predictions.bias"}
 # Parts a checkpoint may lack (BertModel has no heads, BertForMaskedLM no pooler or NSP head): initialized.
 OPTIONAL_PREFIXES = ("bert.pooler.", "cls.")
+# The model-states file DeepSpeed writes per checkpoint: ZeRO 0-2 (whole module), ZeRO-3 (rank 0's partition)
+DS_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+COMPILED_PREFIX = "_orig_mod."  # what a torch.compile wrapper adds to every parameter name
 HF_ONLY_FIELDS = {"model_type": "bert", "architectures": ["BertForPreTraining"], "hidden_act": "gelu",
                   "tie_word_embeddings": True}
 
@@ -80,6 +89,12 @@ def read_config(path: str | Path) -> BertConfig:
     """The architecture of a checkpoint: from the safetensors metadata bertpipe writes, else model_config.json,
     else an HF config.json beside the weights."""
     path = _resolve(path)
+    if is_deepspeed_checkpoint(path):
+        run_config = path.parent.parent / MODEL_CONFIG  # RUN_DIR/checkpoints/step-N -> RUN_DIR/model_config.json
+        if not run_config.is_file():
+            raise BertpipeError(f"{path}: a DeepSpeed checkpoint without {run_config} beside its run; cannot tell "
+                                "the model's size")
+        return _make_config(_read_json(run_config), run_config)
     weights = path if path.is_file() else path / WEIGHTS
     if weights.suffix == ".safetensors" and weights.is_file():
         try:
@@ -130,6 +145,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = _resolve(path)
     if path.is_file():
         return _load_file(path)
+    if is_deepspeed_checkpoint(path):
+        return consolidated_state(path.parent, path.name)
     if (path / WEIGHTS).is_file():
         return _load_file(path / WEIGHTS)
     if (path / f"{WEIGHTS}.index.json").is_file():
@@ -142,6 +159,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys as BertForPreTraining names them, whatever BERT class or vintage wrote the file."""
+    state = {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}  # saved from a torch.compile wrapper
     if not any(k.startswith(("bert.", "cls.")) for k in state):  # BertModel.save_pretrained: no prefix
         state = {f"bert.{k}": v for k, v in state.items()}
     out = {}
@@ -210,6 +228,87 @@ def load_hf(path: str | Path) -> tuple[BertForPreTraining, LoadReport]:
     if report.missing:
         log.info("%s", report)
     return model, report
+
+
+# ---- DeepSpeed checkpoints -------------------------------------------------------------------------------
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in DS_MODEL_STATES)
+
+
+@contextmanager
+def _deepspeed_weights_only():
+    """Make DeepSpeed's checkpoint readers load tensors only.
+
+    zero_to_fp32 calls `torch.load(weights_only=False)`, which would run any code a file's pickle names. Its
+    files hold tensors, plain types and three DeepSpeed classes (loss scalers, the ZeRO stage enum, a fragment
+    address): those are allowed and everything else is refused, as for any other checkpoint.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    load = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        torch.load = load
+
+
+def consolidated_state(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of DeepSpeed checkpoint `root/tag`, under HF's names (tied copies included).
+
+    ZeRO 1-3: DeepSpeed's zero_to_fp32 gathers the fp32 partitions of every rank. ZeRO 0: the module as saved
+    in fp32, or, under bf16/fp16 (where the saved module is in half precision), the optimizer's fp32 master
+    copies, which follow the order of `BertForPreTraining.param_groups` (matrices first, then 1-D tensors).
+    """
+    directory = Path(root) / tag
+    first = next((directory / n for n in DS_MODEL_STATES if (directory / n).is_file()), None)
+    if first is None:
+        raise BertpipeError(f"{directory}: not a DeepSpeed checkpoint (no {' or '.join(DS_MODEL_STATES)})")
+    try:
+        with _deepspeed_weights_only():
+            states = torch.load(first, map_location="cpu", weights_only=True)
+            stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+            if stage > 0:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                with redirect_stdout(io.StringIO()):  # it prints its progress: keep stdout for results
+                    state = dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+            else:
+                state = _zero0_fp32(states, directory)
+    except BertpipeError:
+        raise
+    except Exception as err:  # a damaged or foreign file: DeepSpeed and torch raise many kinds
+        raise BertpipeError(f"cannot read DeepSpeed checkpoint {directory}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    state = _hf_names({k: v.float() for k, v in state.items()})
+    for alias, source in TIED.items():
+        if source in state:
+            state[alias] = state[source]
+    return state
+
+
+def _zero0_fp32(states: dict, directory: Path) -> dict[str, torch.Tensor]:
+    module = states["module"]
+    groups = (states.get("optimizer") or {}).get("fp32_groups")
+    if groups is None:  # fp32 training: the saved module is the master copy
+        return dict(module)
+    buffers = set(states.get("buffer_names") or [])
+    names = [k for k in module if k not in TIED and k not in buffers]
+    order = [k for k in names if module[k].dim() >= 2] + [k for k in names if module[k].dim() < 2]
+    masters = [t for group in groups for t in group]
+    if len(masters) != len(order) or any(module[k].shape != t.shape for k, t in zip(order, masters, strict=True)):
+        raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
+    return dict(module) | dict(zip(order, masters, strict=True))
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

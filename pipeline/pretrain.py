@@ -9,6 +9,7 @@ stop on SIGTERM/SIGUSR1 → at the end consolidate fp32 weights and export HF fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,17 +23,19 @@ import psutil
 import torch
 import yaml
 
+from pipeline.artifacts import write_json
 from pipeline.checkpoint import CheckpointManager
 from pipeline.collate import MaskingConfig, MLMCollator, continuation_flags
 from pipeline.config import check_all, to_dict
 from pipeline.dataset import PretrainingLoader, ShardSet
 from pipeline.distributed import Dist, all_mean, any_rank, barrier, init_distributed
 from pipeline.errors import BertpipeError
-from pipeline.hf_interop import export_hf, load_weights
+from pipeline.hf_interop import MODEL_CONFIG, consolidated_state, export_hf, load_weights, read_config
 from pipeline.log import progress
 from pipeline.model import PRESETS, BertForPreTraining, from_preset
 from pipeline.schedule import warmup_decay
 from pipeline.tracking import TrackConfig, Tracker
+from pipeline.vocab import vocab_hash
 from tokenization import load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
@@ -196,20 +199,46 @@ class _Stop:
         self.signal = signum
 
 
+def init_source(cfg: PretrainConfig) -> Path | None:
+    """The checkpoint `model.init_from` names: a pretraining run's `export/`, an HF BERT directory or a checkpoint."""
+    if not cfg.model.init_from:
+        return None
+    source = Path(cfg.model.init_from)
+    if not source.exists():
+        raise BertpipeError(f"model.init_from {source} not found: give a pretraining run, an HF BERT directory or "
+                            "a checkpoint")
+    return source / "export" if (source / "export").is_dir() else source
+
+
 def _build_model(cfg: PretrainConfig, vocab_size: int, max_seq_len: int) -> BertForPreTraining:
-    dropout = cfg.model.dropout
-    config = from_preset(cfg.model.preset, vocab_size, hidden_dropout_prob=dropout,
-                         attention_probs_dropout_prob=dropout, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                         max_position_embeddings=cfg.model.max_positions)
+    """A fresh model of `model.preset`, or, with `model.init_from`, the architecture that checkpoint declares
+    (its config.json or model_config.json; the preset is then not used) with its weights loaded."""
+    m = cfg.model
+    training = {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout,
+                "gradient_checkpointing": m.gradient_checkpointing}
+    source = init_source(cfg)
+    if source is not None:
+        config = dataclasses.replace(read_config(source), **training)
+        own = source if source.is_dir() else source.parent
+        if (own / "vocab.txt").is_file() and vocab_hash(own) != vocab_hash(cfg.data.vocab_dir):
+            raise BertpipeError(f"model.init_from {source} was trained with another vocabulary than data.vocab_dir "
+                                f"{cfg.data.vocab_dir} (their vocab.txt differ): shard with the checkpoint's own "
+                                "vocabulary (bertpipe shard ... vocab_dir=<that directory>)")
+        if config.vocab_size < vocab_size:
+            raise BertpipeError(f"model.init_from {source} has a vocabulary of {config.vocab_size} entries, "
+                                f"data.vocab_dir {cfg.data.vocab_dir} {vocab_size}: shard with the checkpoint's "
+                                "own vocabulary")
+    else:
+        config = from_preset(m.preset, vocab_size, max_position_embeddings=m.max_positions, **training)
     if max_seq_len > config.max_position_embeddings:
         raise BertpipeError(f"the shards hold sequences of up to {max_seq_len} tokens, beyond the model's "
                             f"{config.max_position_embeddings} positions")
     model = BertForPreTraining(config)
-    if cfg.model.init_from:
-        source = Path(cfg.model.init_from)
-        source = source / "export" if (source / "export").is_dir() else source
+    if source is not None:
         report = load_weights(model, source)
-        log.info("initialized from %s%s", source, f" ({report})" if str(report) else "")
+        log.info("initialized from %s (%s; the architecture is the checkpoint's: L%d H%d A%d, model.preset is "
+                 "not used)", source, report, config.num_hidden_layers, config.hidden_size,
+                 config.num_attention_heads)
     return model
 
 
@@ -251,8 +280,10 @@ def pretrain(cfg: PretrainConfig) -> int:
                                shuffle_buffer=cfg.data.shuffle_buffer)
 
     model = _build_model(cfg, special.vocab_size, max_len)
-    if cfg.model.compile:
-        model = torch.compile(model)
+    if dist.main:  # what `bertpipe export RUN_DIR` and `model-info --checkpoint RUN_DIR` rebuild the model from
+        write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(model.config))
+    if cfg.model.compile:  # in place: parameter names (and so checkpoints) keep no `_orig_mod.` prefix
+        model.compile()
     ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
     import deepspeed
 
@@ -422,19 +453,13 @@ def _fail_non_finite(step: int, loss: float, batch: dict, shards: ShardSet, chec
 
 def _export(engine, model: BertForPreTraining, cfg: PretrainConfig, checkpoints: CheckpointManager,
             dist: Dist) -> None:
-    """Consolidate fp32 weights (ZeRO shards gathered by DeepSpeed's zero_to_fp32) and write HF format."""
+    """Write the last checkpoint's fp32 weights (the optimizer's master copy, gathered from the ZeRO or bf16
+    partitions; `hf_interop.consolidated_state`) in HF format."""
     barrier()
     if not dist.main:
         return
     tag = checkpoints.latest()
-    if cfg.zero_stage > 0 or cfg.precision != "fp32":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.root), tag=tag)
-    else:
-        state = {k: v.float() for k, v in engine.module.state_dict().items()}
     final = BertForPreTraining(model.config)
-    state.setdefault("cls.predictions.decoder.weight", state["bert.embeddings.word_embeddings.weight"])
-    final.load_state_dict(state, strict=True)
+    final.load_state_dict(consolidated_state(checkpoints.root, tag), strict=True)
     out = export_hf(final, Path(cfg.run_dir) / "export", cfg.data.vocab_dir)
     log.info("exported fp32 weights of %s in HF format to %s", tag, out)

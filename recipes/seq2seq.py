@@ -105,10 +105,10 @@ def detokenize(tokens: list[str]) -> str:
 
 
 def decode_ids(encoder: WordPieceEncoder, ids: list[int]) -> str:
-    """A decoder's output ids as text: up to the end token, specials other than [UNK] dropped."""
+    """A decoder's output ids as text: up to the end token, specials and unused slots other than [UNK] dropped."""
     end = encoder.suffix[0]
     ids = ids[:ids.index(end)] if end in ids else ids
-    specials = {encoder.pad_id, *encoder.prefix, *encoder.suffix}
+    specials = set(encoder.special.reserved) - {encoder.unk_id}
     return detokenize([encoder.tokenizer.id_to_token(i) for i in ids if i not in specials])
 
 

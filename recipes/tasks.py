@@ -13,7 +13,6 @@ other pieces of a word are ignored, as in BERT's NER setup.
 from __future__ import annotations
 
 import gzip
-import json
 import random
 import re
 import shutil
@@ -24,8 +23,6 @@ from typing import Protocol
 
 import lightning as L
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordPiece
 from torch.utils.data import DataLoader
 
 from pipeline.errors import BertpipeError
@@ -356,22 +353,21 @@ class TextEncoder(Protocol):
 
 
 class WordPieceEncoder:
-    """The project's WordPiece tokenizer (`tokenization.load_tokenizer`), or an HF dir's vocab.txt alone."""
+    """A WordPiece tokenizer of any BERT vocabulary layout (`tokenization.load_tokenizer`: tokenizer.json, or
+    vocab.txt alone); `special` tells where its specials and unused slots sit."""
 
     def __init__(self, directory: str | Path):
         from tokenization import load_tokenizer, special_ids
 
         directory = Path(directory)
-        if (directory / "tokenizer.json").is_file():
-            self.tokenizer = load_tokenizer(directory)
-        elif (directory / "vocab.txt").is_file():
-            self.tokenizer = _from_vocab_txt(directory)
-        else:
-            raise BertpipeError(f"{directory}: no tokenizer.json or vocab.txt (set model.vocab_dir)")
         try:
-            ids = special_ids(self.tokenizer)
+            self.tokenizer = load_tokenizer(directory)
+            self.special = special_ids(self.tokenizer)
+        except FileNotFoundError:
+            raise BertpipeError(f"{directory}: no tokenizer.json or vocab.txt (set model.vocab_dir)") from None
         except ValueError as err:
             raise BertpipeError(f"{directory}: {err}") from None
+        ids = self.special
         self.directory = directory
         self.pad_id, self.unk_id, self.vocab_size = ids.pad, ids.unk, ids.vocab_size
         self.prefix, self.suffix = [ids.cls], [ids.sep]
@@ -384,16 +380,6 @@ class WordPieceEncoder:
         for name in TOKENIZER_FILES:
             if name != "tokenizer.json" and (self.directory / name).is_file():
                 shutil.copy2(self.directory / name, directory / name)
-
-
-def _from_vocab_txt(directory: Path) -> Tokenizer:
-    """An HF BERT directory that ships only vocab.txt: BERT's normalization, lowercased unless it says not."""
-    config = directory / "tokenizer_config.json"
-    lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.is_file() else True
-    tok = Tokenizer(WordPiece.from_file(str(directory / "vocab.txt"), unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return tok
 
 
 # ---- encoding and label alignment ------------------------------------------------------------------------

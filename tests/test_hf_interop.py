@@ -229,4 +229,4 @@ def test_model_info_takes_the_vocabulary_size_from_a_vocab_directory(vocab_dir, 
     code, out, _ = cli("model-info", "--preset", "tiny", "--vocab", vocab_dir, "--compare-hf")
     assert code == 0 and "vocabulary: 4,000 entries" in out and " yes" in out
     code, _, err = cli("model-info", "--vocab", vocab_dir.parent / "nowhere")
-    assert code == 1 and "no tokenizer.json" in err
+    assert code == 1 and "vocab directory not found" in err
