@@ -245,9 +245,17 @@ def _deepspeed_weights_only():
     files hold tensors, plain types and three DeepSpeed classes (loss scalers, the ZeRO stage enum, a fragment
     address): those are allowed and everything else is refused, as for any other checkpoint.
     """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    unset = "DS_ACCELERATOR" not in os.environ
+    if unset:  # reading files needs no device (nor DeepSpeed's notice on stdout that it found none)
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401
+    finally:
+        if unset:
+            del os.environ["DS_ACCELERATOR"]
 
     load = torch.load
 
