@@ -306,17 +306,32 @@ def consolidated_state(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def _zero0_fp32(states: dict, directory: Path) -> dict[str, torch.Tensor]:
+    """ZeRO 0: the saved module under fp32; under bf16/fp16 the optimizer's fp32 copies, per parameter group
+    (`fp32_groups`, DeepSpeed's unfused optimizer, as on the CPU) or one flat tensor per group
+    (`fp32_groups_flat`, its fused one, as with FusedAdam on GPUs)."""
     module = states["module"]
-    groups = (states.get("optimizer") or {}).get("fp32_groups")
-    if groups is None:  # fp32 training: the saved module is the master copy
+    optimizer = states.get("optimizer") or {}
+    if "fp32_groups" not in optimizer and "fp32_groups_flat" not in optimizer:  # fp32: the module is the master
         return dict(module)
     buffers = set(states.get("buffer_names") or [])
     names = [k for k in module if k not in TIED and k not in buffers]
-    order = [k for k in names if module[k].dim() >= 2] + [k for k in names if module[k].dim() < 2]
-    masters = [t for group in groups for t in group]
-    if len(masters) != len(order) or any(module[k].shape != t.shape for k, t in zip(order, masters, strict=True)):
+    groups = [[k for k in names if module[k].dim() >= 2], [k for k in names if module[k].dim() < 2]]
+    masters: dict[str, torch.Tensor] = {}
+    if "fp32_groups" in optimizer:
+        saved = optimizer["fp32_groups"]
+        if [len(g) for g in saved] != [len(g) for g in groups]:
+            raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
+        for keys, tensors in zip(groups, saved, strict=True):
+            masters.update(zip(keys, tensors, strict=True))
+    else:
+        for keys, flat in zip(groups, optimizer["fp32_groups_flat"], strict=True):
+            sizes = [module[k].numel() for k in keys]
+            if sum(sizes) > flat.numel():
+                raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
+            masters.update(zip(keys, flat[: sum(sizes)].split(sizes), strict=True))
+    if any(masters[k].numel() != module[k].numel() for k in masters):
         raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
-    return dict(module) | dict(zip(order, masters, strict=True))
+    return dict(module) | {k: v.reshape(module[k].shape) for k, v in masters.items()}
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_a_saved_dataset_reads_as_the_wikiextractor_files(wiki_dataset):
 
 def test_shards_from_a_dataset_are_byte_identical_to_shards_from_wikiextractor(wiki_dataset, minilm, tmp_path):
     files, saved, _ = wiki_dataset
-    inputs = "[{path: '%s', format: hf, id_column: id, title_column: title}]" % saved
+    inputs = f"[{{path: '{saved}', format: hf, id_column: id, title_column: title}}]"
     from_files = build_shards(shard_config(files, minilm, str(tmp_path / "files"), "rows_per_shard=1000"))
     from_dataset = build_shards(shard_config(files, minilm, str(tmp_path / "hf"), "rows_per_shard=1000",
                                              f"corpus.inputs={inputs}"))
