@@ -38,6 +38,12 @@ class MLMCollator:
         if cfg.whole_word and continuation is None:
             raise ValueError("whole-word masking needs the vocabulary's ## continuation flags")
         self.continuation = continuation  # bool per vocabulary id: the piece starts with ##
+        # Both common layouts (bertpipe's and Google's) keep every reserved id below the first ordinary piece:
+        # then a comparison tells candidates apart, else a lookup in the per-id mask.
+        regular = special.regular_ids
+        contiguous = len(regular) and regular[-1] == len(special.regular) - 1 and \
+            regular[-1] - regular[0] + 1 == len(regular)
+        self.first_regular = int(regular[0]) if contiguous else None
 
     def __call__(self, input_ids: list[np.ndarray], token_type_ids: list[np.ndarray], nsp_labels: np.ndarray,
                  rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -52,7 +58,8 @@ class MLMCollator:
             types[i, : len(row)] = row_types
         attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
 
-        candidate = sp.regular[ids]  # pads, specials and unused slots (wherever they sit) are never chosen
+        # pads, specials and unused slots (wherever they sit) are never chosen
+        candidate = ids >= self.first_regular if self.first_regular is not None else sp.regular[ids]
         n_candidates = candidate.sum(axis=1)
         budget = np.floor(n_candidates * cfg.mlm_probability + rng.random(batch)).astype(np.int64)
         budget = np.minimum(budget, cfg.max_predictions)
@@ -74,7 +81,9 @@ class MLMCollator:
         rr, cc = np.nonzero(to_mask)
         ids[rr, positions[rr, cc]] = sp.mask
         rr, cc = np.nonzero(to_random)
-        ids[rr, positions[rr, cc]] = sp.regular_ids[rng.integers(0, len(sp.regular_ids), size=len(rr))]
+        drawn = rng.integers(0, len(sp.regular_ids), size=len(rr))  # an ordinary piece, uniformly
+        ids[rr, positions[rr, cc]] = drawn + self.first_regular if self.first_regular is not None else \
+            sp.regular_ids[drawn]
         return {
             "input_ids": torch.from_numpy(ids),
             "token_type_ids": torch.from_numpy(types),

@@ -103,15 +103,25 @@ def test_special_tokens_written_in_text_are_plain_text(minilm, tmp_path):
         assert [i for i in with_specials if i in reserved] == [special_ids(tok).cls, special_ids(tok).sep]
 
 
-def test_masking_never_chooses_or_draws_a_reserved_id_in_googles_layout(minilm, data):
-    tok = load_tokenizer(minilm)
+@pytest.mark.parametrize("layout", ["google", "scattered"])
+def test_masking_never_chooses_or_draws_a_reserved_id(minilm, data, tmp_path, layout):
+    """Google's layout (every reserved id below 999), and one with unused slots after ordinary pieces too."""
+    directory = minilm
+    if layout == "scattered":
+        vocab = (minilm / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        (tmp_path / "vocab.txt").write_text("\n".join([*vocab, "[unused994]", "zyzzyva", "[unused995]"]) + "\n")
+        directory = tmp_path
+    tok = load_tokenizer(directory)
     sp = special_ids(tok)
+    if layout == "scattered":
+        assert sp.regular[[30_522, 30_523, 30_524]].tolist() == [False, True, False]
     texts = sst2_sentences(data, 512)
     encoded = tok.encode_batch(texts, add_special_tokens=False)
     rows = [np.array([sp.cls, *e.ids, sp.sep], dtype=np.int32) for e in encoded]
     types = [np.zeros(len(r), dtype=np.int8) for r in rows]
     every_random = MLMCollator(sp, MaskingConfig(mask_fraction=0.0, random_fraction=1.0, mlm_probability=0.5,
                                                  max_predictions=80))
+    assert every_random.first_regular == (999 if layout == "google" else None)  # the comparison or the lookup
     out = every_random(rows, types, np.zeros(len(rows)), np.random.default_rng(0))
     valid = out["mlm_labels"] != -100
     chosen = torch.gather(out["input_ids"], 1, out["mlm_positions"])[valid]
@@ -157,7 +167,8 @@ def test_a_newcomer_finetunes_a_published_bert_and_predicts(minilm, data, tmp_pa
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["finetune", "--config", str(ROOT / "recipes/finetune/sst2.yaml"), f"model.encoder={minilm}",
                      f"run_dir={run_dir}", "task.max_train=320", "task.max_eval=200", "task.max_len=64",
-                     "trainer.max_epochs=1", "trainer.lr=5e-5", "trainer.val_check_interval=1.0", "--quiet"])
+                     "trainer.max_epochs=1", "trainer.lr=1e-4", "trainer.batch_size=16",
+                     "trainer.val_check_interval=1.0", "--quiet"])
     setup_logging(quiet=True)
     assert code == 0
     results = json.loads((run_dir / "results.json").read_text())
@@ -236,3 +247,26 @@ def test_shards_of_another_vocabulary_stop_continued_pretraining(minilm, tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "was trained with another vocabulary" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_wordpiece_rnn_on_googles_vocabulary_never_generates_a_reserved_token(minilm, data, tmp_path, cli):
+    """The label-conditioned LSTM over the published vocabulary, sampled flat (temperature 3): [MASK] and the
+    994 [unusedN] slots (3% of the vocabulary) are banned like [PAD], [CLS] and [SEP]."""
+    from recipes.base import load_net
+    from recipes.rnn import generate
+
+    run_dir = tmp_path / "lm"
+    code, _, err = cli("finetune", "--config", ROOT / "recipes/baselines/sst2-generate-lstm.yaml",
+                       f"run_dir={run_dir}", f"model.vocab_dir={minilm}", "task.max_train=200", "task.max_eval=50",
+                       "trainer.max_epochs=1", "model.rnn.hidden=32", "model.rnn.embed_dim=16", "model.rnn.layers=1",
+                       "track.wandb=disabled", "trainer.checkpoint=false", "--quiet")
+    assert code == 0, err
+    _, encoder, _ = load_net(run_dir)
+    assert (encoder.pad_id, encoder.unk_id, encoder.prefix, encoder.special.mask) == (0, 100, [101], 103)
+    samples = generate(run_dir, "positive", length=40, num=50, temperature=3.0, seed=0)
+    words = " ".join(samples).split()
+    assert len(words) > 1000
+    assert not any(w.startswith(("[unused", "[MASK]", "[CLS]", "[SEP]", "[PAD]")) for w in words)
+    vocab = load_tokenizer(minilm).get_vocab()
+    unused = [t for t in vocab if t.startswith("[unused")]
+    assert len(unused) == 994 and encoder.tokenizer.decode([vocab[unused[0]]], skip_special_tokens=False) == unused[0]
