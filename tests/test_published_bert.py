@@ -234,6 +234,7 @@ def test_continued_pretraining_starts_from_the_published_weights(minilm_layouts,
     assert not torch.equal(exported.cls.seq_relationship.weight, hf.cls.seq_relationship.weight)  # it trained
 
 
+@pytest.mark.slow
 def test_shards_of_another_vocabulary_stop_continued_pretraining(minilm, tmp_path):
     """A published model with the demo vocabulary's shards: one line, before any training."""
     from pipeline.vocab import VocabConfig, build_vocab
@@ -249,6 +250,7 @@ def test_shards_of_another_vocabulary_stop_continued_pretraining(minilm, tmp_pat
     assert "was trained with another vocabulary" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_wordpiece_rnn_on_googles_vocabulary_never_generates_a_reserved_token(minilm, data, tmp_path, cli):
     """The label-conditioned LSTM over the published vocabulary, sampled flat (temperature 3): [MASK] and the
     994 [unusedN] slots (3% of the vocabulary) are banned like [PAD], [CLS] and [SEP]."""
