@@ -166,8 +166,8 @@ def test_a_newcomer_finetunes_a_published_bert_and_predicts(minilm, data, tmp_pa
     run_dir = tmp_path / "sst2-minilm"
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["finetune", "--config", str(ROOT / "recipes/finetune/sst2.yaml"), f"model.encoder={minilm}",
-                     f"run_dir={run_dir}", "task.max_train=320", "task.max_eval=200", "task.max_len=64",
-                     "trainer.max_epochs=1", "trainer.lr=1e-4", "trainer.batch_size=16",
+                     f"run_dir={run_dir}", "task.max_train=480", "task.max_eval=200", "task.max_len=64",
+                     "trainer.max_epochs=3", "trainer.lr=2e-4", "trainer.batch_size=16",
                      "trainer.val_check_interval=1.0", "--quiet"])
     setup_logging(quiet=True)
     assert code == 0
