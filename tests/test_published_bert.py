@@ -173,7 +173,7 @@ def test_a_newcomer_finetunes_a_published_bert_and_predicts(minilm, data, tmp_pa
     assert code == 0
     results = json.loads((run_dir / "results.json").read_text())
     assert results["model"]["encoder"] == str(minilm) and results["model"]["size"] == "L6-H384-A12"
-    # majority class of these 200: 0.525; measured: 0.675 after the first of the 3 epochs, 0.850 after the second
+    # majority class of these 200: 0.525; measured: 0.675 after the first of the 3 epochs, 0.805 at the end
     assert results["metrics"]["accuracy"] > 0.62, results["metrics"]
     code, out, _ = cli("predict", "--run", run_dir, "a gorgeous , witty , seductive movie .",
                        "an utter waste of time .")
