@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check pipeline tokenization recipes tests bench
+	$(BIN)/ruff check pipeline tokenization recipes serve tests bench
 
 test: lint  ## ruff + the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
