@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from serve.schema import ErrorResponse, PredictRequest, PredictResponse
 
 log = logging.getLogger("bertpipe.serve")
 PAGE = Path(__file__).with_name("page.html")
+OVERLAP_SECONDS = 0.5  # the batcher waits while requests have overlapped within this long
 DRAIN_BYTES = 16_000_000  # a refused body up to this size is read to its end before the 413 goes out
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 500)}
 
@@ -75,12 +77,27 @@ def describe_validation(err: RequestValidationError) -> tuple[int, str]:
 
 @dataclass
 class InFlight:
-    open: int = 0  # /predict requests between their first byte and their response
+    """The /predict requests open now, and when two last overlapped: the batcher waits for more inputs only on a
+    server whose clients have lately been concurrent (a lone client's request never waits)."""
+
+    open: int = 0
+    overlapped: float = -math.inf
+
+    def start(self) -> None:
+        self.open += 1
+        if self.open > 1:
+            self.overlapped = time.monotonic()
+
+    def end(self) -> None:
+        self.open -= 1
+
+    def concurrent(self) -> bool:
+        return time.monotonic() - self.overlapped < OVERLAP_SECONDS
 
 
 class Guard:
-    """Plain ASGI middleware around every request: the body limit (413 before the body is read), the count of
-    /predict requests in flight (the batcher waits only while some are arriving) and the metrics."""
+    """Plain ASGI middleware around every request: the body limit (413 with the JSON error, for bodies with and
+    without Content-Length), the /predict requests in flight (InFlight) and the metrics."""
 
     def __init__(self, app, metrics: Metrics, flight: InFlight, max_body_bytes: int):
         self.app, self.metrics, self.flight, self.max_body = app, metrics, flight, max_body_bytes
@@ -120,7 +137,7 @@ class Guard:
             return message
 
         if counted:
-            self.flight.open += 1
+            self.flight.start()
             self.metrics.open.inc()
         try:
             length = dict(scope["headers"]).get(b"content-length", b"0")
@@ -131,7 +148,7 @@ class Guard:
                 await self.app(scope, receive_limited, send_status)
         finally:
             if counted:
-                self.flight.open -= 1
+                self.flight.end()
                 self.metrics.open.dec()
             self.metrics.observe(path, status, time.perf_counter() - start)
 
@@ -147,7 +164,7 @@ def build_app(predictor: Predictor, settings: dict, metadata: dict, log_inputs: 
                        "size": str(metadata.get("model", {}).get("size", ""))})
     flight = InFlight()
     batcher = Batcher(predictor.answer, settings["max_batch"], settings["max_wait_ms"],
-                      arriving=lambda: flight.open - batcher.waiting, on_batch=metrics.observe_batch)
+                      should_wait=flight.concurrent, on_batch=metrics.observe_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -5,10 +5,11 @@ the model on them (torch releases the GIL, so the event loop keeps reading reque
 input, not a request: a request of 50 texts and three of one text share batches, and `max_batch` bounds the
 forward pass itself.
 
-The worker never waits on an idle server: a lone request runs at once. It waits — at most `max_wait_ms` after
-the oldest input in the batch arrived — only while the batch has room and other requests are on their way
-(`arriving()`: requests the server is reading whose inputs are not queued yet). Under load a batch fills while
-the previous one runs, so waiting is rarely needed at all.
+The worker takes whatever is queued when it is free. It waits for more — at most `max_wait_ms` after the oldest
+input in the batch arrived — only while the batch has room and `should_wait()` says more are likely to come
+(the server: its clients have lately sent overlapping requests). A lone client's request is never held back,
+so batching costs it nothing; concurrent clients' requests, which come back in waves after each batch, are
+gathered into one.
 """
 
 from __future__ import annotations
@@ -37,15 +38,14 @@ class Batcher:
     """Runs `answer(values) -> results` (one result per value, in order) on batches gathered from `submit`."""
 
     def __init__(self, answer: Callable[[list], list], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 arriving: Callable[[], int] = lambda: 0,
+                 should_wait: Callable[[], bool] = lambda: True,
                  on_batch: Callable[[int, float], None] = lambda size, seconds: None):
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError("max_batch must be at least 1 and max_wait_ms at least 0")
         self.answer, self.max_batch, self.max_wait = answer, max_batch, max_wait_ms / 1000
-        self.arriving, self.on_batch = arriving, on_batch
+        self.should_wait, self.on_batch = should_wait, on_batch
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="bertpipe-batcher", daemon=True)
-        self.waiting = 0  # requests with inputs queued or in the running batch
 
     def start(self) -> None:
         self._thread.start()
@@ -66,16 +66,12 @@ class Batcher:
         """The results of `values`, in order, once every one of them has been through a batch."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in values]
-        self.waiting += 1
-        try:
-            for value, future in zip(values, futures, strict=True):
-                self._queue.put(_Item(value, future, loop))
-            return list(await asyncio.gather(*futures))
-        finally:
-            self.waiting -= 1
+        for value, future in zip(values, futures, strict=True):
+            self._queue.put(_Item(value, future, loop))
+        return list(await asyncio.gather(*futures))
 
     def _collect(self) -> list[_Item] | None:
-        """The next batch: the oldest input and what follows it, waiting only while more are on their way."""
+        """The next batch: the oldest input and what follows it, waiting for more only if should_wait()."""
         first = self._queue.get()
         if first is None:
             return None
@@ -85,12 +81,12 @@ class Batcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.arriving() <= 0:
+                if remaining <= 0 or not self.should_wait():
                     break
                 try:
-                    item = self._queue.get(timeout=min(remaining, 0.0005))
+                    item = self._queue.get(timeout=remaining)
                 except queue.Empty:
-                    continue
+                    break
             if item is None:  # stop after this batch
                 self._queue.put(None)
                 break

@@ -32,10 +32,11 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback only unless told otherwise (there is no authentication)
     port: int = 8000  # 0: a free port, printed at start
     max_batch: int = 32  # inputs per forward pass, gathered across concurrent requests
-    max_wait_ms: float = 5.0  # how long a batch with room waits for requests already arriving
+    max_wait_ms: float = 5.0  # how long a batch with room waits for more, while clients are concurrent
     max_inputs: int = 256  # inputs in one request; more is a 413
     max_body_bytes: int = 1_000_000  # bytes in one request body; more is a 413
     device: str = "cpu"
+    threads: int | None = None  # torch's threads for the model (default: torch's own, one per core)
     beam: int | None = None  # translation: beam size (default: the run's; 1 = greedy)
     log_inputs: bool = False  # log every request's inputs (off: no text of a request is logged)
 
@@ -43,13 +44,15 @@ class ServeConfig:
         if self.max_batch < 1 or self.max_inputs < 1 or self.max_body_bytes < 1 or self.max_wait_ms < 0:
             raise BertpipeError("--max-batch, --max-inputs and --max-body-bytes must be positive, --max-wait-ms "
                                 "at least 0")
+        if self.threads is not None and self.threads < 1:
+            raise BertpipeError("--threads must be at least 1")
         if not 0 <= self.port <= 65535:
             raise BertpipeError(f"--port {self.port}: not a port number (0 picks a free one)")
 
     @property
     def settings(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in ("max_batch", "max_wait_ms", "max_inputs",
-                                                                "max_body_bytes", "device")}
+                                                                "max_body_bytes", "device", "threads")}
 
 
 def run_metadata(run: str | Path, predictor, settings: dict) -> dict:
@@ -72,6 +75,8 @@ def build(cfg: ServeConfig):
     from recipes.predict import Predictor
     from serve.app import build_app
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     options = {"beam": cfg.beam} if cfg.beam is not None else {}
     predictor = Predictor(cfg.run, cfg.device, batch_size=cfg.max_batch, **options)
     return build_app(predictor, cfg.settings, run_metadata(cfg.run, predictor, cfg.settings), cfg.log_inputs)
@@ -180,14 +185,16 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--max-batch", type=int, default=d.max_batch,
                         help=f"inputs per forward pass, across requests (default {d.max_batch}; 1 = no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                        help=f"how long a batch with room waits for requests already arriving (default "
-                             f"{d.max_wait_ms:g}); an idle server never waits")
+                        help=f"how long a batch with room waits for more inputs while clients send concurrent "
+                             f"requests (default {d.max_wait_ms:g}); a lone client's request never waits")
     parser.add_argument("--max-inputs", type=int, default=d.max_inputs,
                         help=f"inputs in one request (default {d.max_inputs})")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                         help=f"bytes in one request body (default {d.max_body_bytes:,})")
     parser.add_argument("--beam", type=int, help="translation: beam size (default: the run's; 1 = greedy)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch threads for the model (default: one per core); on a "
+                        "busy CPU, fewer threads than cores leave one to read requests")
     parser.add_argument("--log-inputs", action="store_true", help="log each request's inputs (default: no text "
                         "of a request is logged)")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only; no access log")
@@ -195,6 +202,6 @@ def serve_command(argv: list[str]) -> int:
     setup_logging(args.quiet)
     cfg = ServeConfig(run=args.run, host=args.host, port=args.port, max_batch=args.max_batch,
                       max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
-                      device=args.device, beam=args.beam, log_inputs=args.log_inputs)
+                      device=args.device, threads=args.threads, beam=args.beam, log_inputs=args.log_inputs)
     serve(cfg, args.quiet)
     return 0

@@ -19,15 +19,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
+from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
 from recipes.predict import Predictor
 from recipes.seq2seq import translate
 from recipes.tasks import TASKS
+from serve.batcher import Batcher
 from serve.server import Running, ServeConfig
 
 CLIENTS = 32
@@ -76,6 +79,63 @@ def assert_same(served: dict, expected: dict) -> None:
     assert served["label"] == expected["label"]
     for name, p in expected["probabilities"].items():
         assert abs(served["probabilities"][name] - p) <= TOLERANCE, (served, expected)
+
+
+# ---- the batcher -----------------------------------------------------------------------------------------
+
+
+def run_batcher(batcher: Batcher, requests: list[list]) -> list:
+    """Submit every request at once from one event loop; their results in order."""
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.submit(values) for values in requests))
+
+    batcher.start()
+    try:
+        return asyncio.run(all_at_once())
+    finally:
+        batcher.stop()
+
+
+def test_the_batcher_answers_each_request_in_order_across_batches():
+    sizes: list[int] = []
+    batcher = Batcher(lambda values: [v * 10 for v in values], max_batch=8, max_wait_ms=50,
+                      on_batch=lambda size, seconds: sizes.append(size))
+    requests = [list(range(i, i + 1 + i % 5)) for i in range(60)]  # 1 to 5 values each, 180 in all
+    assert run_batcher(batcher, requests) == [[v * 10 for v in values] for values in requests]
+    assert sum(sizes) == 180 and max(sizes) == 8 and len(sizes) < 60  # batches of inputs, not of requests
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    def answer(values):
+        if "bad" in values:
+            raise ValueError("no")
+        return [v.upper() for v in values]
+
+    batcher = Batcher(answer, max_batch=1)
+    batcher.start()
+
+    async def go():
+        return await asyncio.gather(batcher.submit(["ok"]), batcher.submit(["bad"]), batcher.submit(["fine"]),
+                                    return_exceptions=True)
+
+    try:
+        first, second, third = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert first == ["OK"] and isinstance(second, ValueError) and third == ["FINE"]
+
+
+def test_a_lone_request_is_not_held_back_for_a_batch():
+    """With nothing else coming (should_wait false) a request runs at once, whatever max_wait_ms; with more said
+    to be coming, a batch with room waits for them up to max_wait_ms."""
+    batcher = Batcher(lambda values: values, max_batch=32, max_wait_ms=60_000, should_wait=lambda: False)
+    start = time.perf_counter()
+    assert run_batcher(batcher, [["alone"]]) == [["alone"]]
+    assert time.perf_counter() - start < 30
+    batcher = Batcher(lambda values: values, max_batch=32, max_wait_ms=300, should_wait=lambda: True)
+    start = time.perf_counter()
+    assert run_batcher(batcher, [["waits"]]) == [["waits"]]
+    assert time.perf_counter() - start >= 0.3
 
 
 # ---- answers ---------------------------------------------------------------------------------------------
@@ -336,3 +396,30 @@ def test_bertpipe_serve_refuses_what_it_cannot_serve_in_one_line(cli, tmp_path, 
         code, _, err = cli("serve", "--run", tiny_runs["sst2"], "--port", port, "--quiet")
         assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
         assert time.perf_counter() - start < 60
+
+
+@pytest.mark.slow
+def test_serve_sbatch_serves_from_a_compute_node_until_scancel(slurm, tiny_runs, tmp_path):
+    """slurm/serve.sbatch on a real slurmd: the log names the port, the server answers, scancel's SIGTERM stops
+    it after the requests in flight and the job ends."""
+    (tmp_path / "logs").mkdir()
+    env = {**slurm.env, "BERTPIPE_HOME": str(ROOT), "BERTPIPE": str(Path(sys.executable).parent / "bertpipe"),
+           "RUN": str(tiny_runs["sst2"]), "PORT": "0"}
+    sub = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--cpus-per-task=2",
+                          str(ROOT / "slurm/serve.sbatch")], capture_output=True, text=True, env=env)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    log = tmp_path / "logs" / f"bertpipe-serve-{job}.out"
+    deadline, url = time.time() + 300, None
+    while time.time() < deadline and url is None:
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), (slurm.job(job), log.read_text())
+        serving = [line for line in log.read_text().splitlines() if line.startswith("serving ")] if log.exists() else []
+        url = serving[0].split(" on ")[1].split("/ ")[0] if serving else None
+        time.sleep(0.3)
+    assert url and url.startswith("http://127.0.0.1:"), log.read_text()
+    status, body = call(url, "/predict", {"inputs": "a gorgeous , witty , seductive movie ."})
+    assert status == 200 and body["results"][0]["label"] in ("negative", "positive")
+    slurm.run("scancel", job)
+    slurm.wait([job], states=("CANCELLED", "COMPLETED"), timeout=120)
+    text = log.read_text()
+    assert "ssh -N -L 8000:127.0.0.1:<port>" in text and "stopped by SIGTERM" in text, text
