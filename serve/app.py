@@ -58,7 +58,7 @@ def describe_validation(err: RequestValidationError) -> tuple[int, str]:
     first = errors[0] if errors else {"type": "", "msg": "invalid request", "loc": ()}
     if first["type"] == "json_invalid":
         detail, at = first.get("ctx", {}).get("error", "syntax error"), first["loc"][-1]
-        return 400, f"body: not valid JSON ({detail} at character {at})"
+        return 400, f"body: not valid JSON at character {at}: {detail}"
     if first["loc"] == ("body",) and isinstance(first.get("input"), bytes):  # FastAPI reads only JSON types
         return 415, "body: send it as JSON, with the header Content-Type: application/json"
     messages = []
@@ -67,7 +67,7 @@ def describe_validation(err: RequestValidationError) -> tuple[int, str]:
         if e["type"] == "extra_forbidden":
             msg = 'unexpected field (a request is {"inputs": ..., "pretokenized": false})'
         elif e["type"] == "missing":
-            msg = "missing"
+            msg = 'empty (a request is {"inputs": ...})' if _where(e["loc"]) == "body" else "missing"
         elif e["type"] in ("model_attributes_type", "dict_type") and _where(e["loc"]) == "body":
             msg = 'expected a JSON object {"inputs": ...}'
         messages.append(f"{_where(e['loc'])}{'' if msg.startswith(('[', '.', ':')) else ': '}{msg}")

@@ -44,6 +44,8 @@ class ServeConfig:
         if self.max_batch < 1 or self.max_inputs < 1 or self.max_body_bytes < 1 or self.max_wait_ms < 0:
             raise BertpipeError("--max-batch, --max-inputs and --max-body-bytes must be positive, --max-wait-ms "
                                 "at least 0")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BertpipeError(f"--device {self.device}: no CUDA GPU is visible")
         if self.threads is not None and self.threads < 1:
             raise BertpipeError("--threads must be at least 1")
         if not 0 <= self.port <= 65535:

@@ -24,6 +24,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest
+import torch
 from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -249,7 +250,8 @@ def test_concurrent_clients_each_get_their_own_answer(servers, tiny_runs, dev_se
 # ---- bad requests ----------------------------------------------------------------------------------------
 
 BAD = {  # name -> (body as bytes or JSON, headers or None, status, what the error must say)
-    "invalid JSON": (b'{"inputs": "a dull', None, 400, "not valid JSON"),
+    "invalid JSON": (b'{"inputs": "a dull', None, 400, "not valid JSON at character 11"),
+    "no body": (b"", None, 422, "body: empty"),
     "not UTF-8": ('{"inputs": "caf\xe9"}'.encode("latin-1"), None, 400, "not valid UTF-8"),
     "not sent as JSON": (b'{"inputs": "fine"}', {"Content-Type": "text/plain"}, 415, "Content-Type: application/json"),
     "not an object": ([1, 2], None, 422, "expected a JSON object"),
@@ -390,6 +392,9 @@ def test_bertpipe_serve_refuses_what_it_cannot_serve_in_one_line(cli, tmp_path, 
     assert code == 1 and "not a finetune run directory" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("serve", "--run", tiny_runs["sst2"], "--max-batch", "0")
     assert code == 1 and "--max-batch" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        code, _, err = cli("serve", "--run", tiny_runs["sst2"], "--device", "cuda")
+        assert code == 1 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
     with Running(ServeConfig(run=str(tiny_runs["sst2"]), port=0)) as url:
         port = url.rsplit(":", 1)[1]
         start = time.perf_counter()
