@@ -60,7 +60,7 @@ class Batcher:
             except queue.Empty:
                 return
             if item is not None:
-                item.loop.call_soon_threadsafe(_fail, item.future, RuntimeError("the server is shutting down"))
+                _hand_back([item], [RuntimeError("the server is shutting down")], failed=True)
 
     async def submit(self, values: list) -> list:
         """The results of `values`, in order, once every one of them has been through a batch."""
@@ -102,19 +102,28 @@ class Batcher:
                     raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
             except Exception as err:  # the batch's requests fail; the server keeps serving
                 log.exception("a batch of %d inputs failed", len(batch))
-                for item in batch:
-                    item.loop.call_soon_threadsafe(_fail, item.future, err)
+                _hand_back(batch, [err] * len(batch), failed=True)
                 continue
             self.on_batch(len(batch), time.perf_counter() - start)
-            for item, result in zip(batch, results, strict=True):
-                item.loop.call_soon_threadsafe(_resolve, item.future, result)
+            _hand_back(batch, results)
 
 
-def _resolve(future: asyncio.Future, result: Any) -> None:
-    if not future.done():  # a request whose client went away was cancelled
-        future.set_result(result)
+def _hand_back(batch: list[_Item], outcomes: list, failed: bool = False) -> None:
+    """Each outcome to its input's future, in one call per event loop (one wake-up, not one per input)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for item, outcome in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(item.loop, []).append((item.future, outcome))
+    for loop, pairs in by_loop.items():
+        loop.call_soon_threadsafe(_fail if failed else _resolve, pairs)
 
 
-def _fail(future: asyncio.Future, err: BaseException) -> None:
-    if not future.done():
-        future.set_exception(err)
+def _resolve(pairs: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in pairs:
+        if not future.done():  # a request whose client went away was cancelled
+            future.set_result(result)
+
+
+def _fail(pairs: list[tuple[asyncio.Future, BaseException]]) -> None:
+    for future, err in pairs:
+        if not future.done():
+            future.set_exception(err)
