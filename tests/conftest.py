@@ -159,3 +159,50 @@ def minilm_layouts(minilm, tmp_path_factory) -> dict[str, Path]:
             shutil.copy(minilm / f, path / f)
         out[name] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(data, tmp_path_factory) -> Path:
+    """A 3k vocabulary of the SST-2 and the Multi30k (English and German) training text: small, so the runs of
+    `tiny_runs` train in seconds."""
+    from pipeline.config import load_config
+    from pipeline.vocab import VocabConfig, build_vocab
+
+    files = [data / "finetune" / "sst2" / "train.tsv",
+             *(data / "finetune" / "multi30k" / f"train.{lang}.gz" for lang in ("en", "de"))]
+    inputs = ",".join(f"{{path: '{f}', format: plain}}" for f in files)
+    return build_vocab(load_config(VocabConfig, None, [f"corpus.inputs=[{inputs}]", "vocab_size=3000",
+                                                      f"output_dir={tmp_path_factory.mktemp('vocab') / 'tiny3k'}"]))
+
+
+def finished_run(recipe: str, run_dir: Path, *overrides: str) -> Path:
+    """A finished `bertpipe finetune` run of a recipe (recipes/<recipe>.yaml) with quick overrides, on the CPU."""
+    from pipeline.config import load_config
+    from recipes.base import FinetuneConfig, fit
+
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / f"{recipe}.yaml", [
+        f"run_dir={run_dir}", "trainer.accelerator=cpu", "trainer.checkpoint=false", "track.wandb=disabled",
+        "trainer.val_check_interval=1.0", *overrides])
+    fit(cfg)
+    setup_logging(quiet=True)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_vocab, tmp_path_factory) -> dict[str, Path]:
+    """Finished runs of each task kind `predict` and `serve` answer, each trained in seconds: a tiny BERT (random
+    init) on 2,000 SST-2 sentences and on 500 UD English POS sentences, a small GRU encoder-decoder on 200
+    Multi30k pairs."""
+    out = tmp_path_factory.mktemp("tiny-runs")
+    bert = ["model.encoder=null", "model.preset=tiny", f"model.vocab_dir={tiny_vocab}", "task.max_len=64",
+            "trainer.lr=2e-3", "trainer.warmup_ratio=0.1", "trainer.max_epochs=1"]
+    return {
+        "sst2": finished_run("finetune/sst2", out / "sst2", *bert, "task.max_train=2000", "task.max_eval=200"),
+        "ud_pos": finished_run("finetune/ud_pos", out / "ud_pos", *bert, "task.max_train=500", "task.max_eval=100",
+                               "trainer.max_epochs=2"),
+        "multi30k": finished_run("baselines/multi30k-gru-attention", out / "multi30k", f"model.vocab_dir={tiny_vocab}",
+                                 f"model.seq2seq.tgt_vocab_dir={tiny_vocab}", "model.seq2seq.attention=luong",
+                                 "model.seq2seq.beam=2", "model.rnn.hidden=32", "model.rnn.embed_dim=16",
+                                 "task.max_train=200", "task.max_eval=20", "trainer.batch_size=20",
+                                 "trainer.max_epochs=2"),
+    }
