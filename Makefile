@@ -34,7 +34,7 @@ $(MODELS_STAMP): $(STAMP)
 	touch $@
 
 lint: $(STAMP) $(MODELS_STAMP)  ## ruff
-	$(BIN)/ruff check pipeline tokenization recipes serve tests bench
+	$(BIN)/ruff check pipeline tokenization recipes tests bench
 
 test: lint  ## ruff + the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

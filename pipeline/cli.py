@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "recipes.base:finetune_command"),
     "predict": ("label texts with a finished finetune run", "recipes.predict:predict_command"),
     "serve": ("serve a finished finetune run over HTTP, with dynamic batching and a page to try it",
-              "serve.server:serve_command"),
+              "recipes.serve.server:serve_command"),
     "generate": ("write sentences with a label-conditioned RNN language model run", "recipes.rnn:generate_command"),
     "translate": ("translate sentences with a finished seq2seq run (beam search or greedy)",
                   "recipes.seq2seq:translate_command"),

@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recipes.predict import Predictor
 from recipes.seq2seq import translate
+from recipes.serve.batcher import Batcher
+from recipes.serve.server import Running, ServeConfig
 from recipes.tasks import TASKS
-from serve.batcher import Batcher
-from serve.server import Running, ServeConfig
 
 CLIENTS = 32
 TOLERANCE = 2e-4  # probabilities are rounded to 4 places; padding in a batch moves them by less than this

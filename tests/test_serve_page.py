@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from browser import ARGS, Unavailable, chromium
 
-from serve.server import Running, ServeConfig
+from recipes.serve.server import Running, ServeConfig
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recipes.predict import InputError, Predictor
-from serve.batcher import Batcher
-from serve.metrics import CONTENT_TYPE, Metrics
-from serve.schema import ErrorResponse, PredictRequest, PredictResponse
+from recipes.serve.batcher import Batcher
+from recipes.serve.metrics import CONTENT_TYPE, Metrics
+from recipes.serve.schema import ErrorResponse, PredictRequest, PredictResponse
 
 log = logging.getLogger("bertpipe.serve")
 PAGE = Path(__file__).with_name("page.html")

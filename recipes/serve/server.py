@@ -75,7 +75,7 @@ def run_metadata(run: str | Path, predictor, settings: dict) -> dict:
 def build(cfg: ServeConfig):
     """The FastAPI app for cfg.run, its model loaded."""
     from recipes.predict import Predictor
-    from serve.app import build_app
+    from recipes.serve.app import build_app
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
