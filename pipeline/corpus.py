@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("auto", "wikiextractor", "jsonl", "book", "plain", "pydoc")
 PYDOC = "pydoc"  # the path (and format) of the embedded corpus: Python's own documentation
 _CHUNK = 1 << 20
+# bytes: a line this long is no paragraph (the longest in the Wikipedia sample has 6,251): likely a file
+# without line breaks, whose one "document" starves the vocabulary and the shards
+LONG_LINE = 100_000
 _DOC_OPEN = re.compile(r'^<doc id="([^"]*)" url="([^"]*)" title="([^"]*)">\s*$')
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG", re.I)
 _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I)
@@ -164,7 +167,7 @@ class Corpus:
         except (OSError, ValueError) as err:
             raise CorpusError(f"cannot open {path}: {err}") from None
         with fh:
-            offset, rest, first = 0, b"", True
+            offset, rest, first, lineno, warned = 0, b"", True, 0, False
             while True:
                 try:
                     block = fh.read(_CHUNK)
@@ -181,9 +184,13 @@ class Corpus:
                 parts = (rest + block).split(b"\n")
                 rest = parts.pop()
                 for raw in parts:
+                    lineno += 1
+                    warned = warned or _warn_long(raw, path, lineno)
                     yield self._decode(raw, path, offset, strict)
                     offset += len(raw) + 1
             if rest:
+                if not warned:
+                    _warn_long(rest, path, lineno + 1)
                 yield self._decode(rest, path, offset, strict)
 
     def _decode(self, raw: bytes, path: str, offset: int, strict: bool) -> str:
@@ -198,6 +205,16 @@ class Corpus:
             text = raw.decode("utf-8", "replace")
             self.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
         return text.rstrip("\r")
+
+
+def _warn_long(raw: bytes, path: str, lineno: int) -> bool:
+    """Warn (once per file, by the caller) about a line far beyond any paragraph's length."""
+    if len(raw) <= LONG_LINE:
+        return False
+    log.warning("%s: line %d holds %s bytes without a line break, far beyond any paragraph (is this text with "
+                "line breaks?); documents like it give a poor vocabulary and almost no pretraining instances",
+                path, lineno, f"{len(raw):,}")
+    return True
 
 
 def _sniff(path: str, lines: Iterator[str]) -> tuple[str, Iterator[str]]:

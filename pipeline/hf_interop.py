@@ -22,9 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import atomic_dir, write_json
+from pipeline.artifacts import atomic_dir, claim, write_json
 from pipeline.errors import BertpipeError
 from pipeline.model import BertConfig, BertForPreTraining
+from pipeline.vocab import verify_vocab
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ def _vocab_size(vocab_dir: Path) -> int:
     vocab = vocab_dir / "vocab.txt"
     if not vocab.is_file():
         raise BertpipeError(f"{vocab_dir}: no vocab.txt (run `bertpipe vocab` first)")
+    verify_vocab(vocab_dir)
     return len(vocab.read_text(encoding="utf-8").splitlines())
 
 
@@ -249,8 +251,10 @@ def export_hf(
 
     `source` is a model or a checkpoint path. With `vocab_dir`, its tokenizer files are copied so the
     directory also loads with `BertTokenizerFast`; its size must match the model's vocabulary. The directory
-    is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written.
+    is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written; `out_dir`
+    may only be absent, empty or an earlier export (anything else is refused before any work).
     """
+    claim(out_dir, "export")
     model = source if isinstance(source, BertForPreTraining) else load_hf(source)[0]
     if vocab_dir is not None:
         vocab_dir = Path(vocab_dir)
@@ -258,7 +262,7 @@ def export_hf(
         if size != model.config.vocab_size:
             raise BertpipeError(f"{vocab_dir} has {size} tokens, the model's vocabulary {model.config.vocab_size}")
     tensors = _tensors(model)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export") as tmp:
         dtype = tensors["bert.embeddings.word_embeddings.weight"].dtype
         write_json(tmp / HF_CONFIG, hf_config(model.config, dtype))
         _save_weights(tensors, tmp / WEIGHTS, {})

@@ -359,9 +359,11 @@ class WordPieceEncoder:
     """The project's WordPiece tokenizer (`tokenization.load_tokenizer`), or an HF dir's vocab.txt alone."""
 
     def __init__(self, directory: str | Path):
+        from pipeline.vocab import verify_vocab
         from tokenization import load_tokenizer, special_ids
 
         directory = Path(directory)
+        verify_vocab(directory)  # a vocab stage's directory: its files against its manifest
         if (directory / "tokenizer.json").is_file():
             self.tokenizer = load_tokenizer(directory)
         elif (directory / "vocab.txt").is_file():
