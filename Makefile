@@ -127,6 +127,7 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
 	$(BIN)/python bench/model_gpu.py
+	$(BIN)/python bench/reliability.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)
