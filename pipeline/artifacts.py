@@ -103,6 +103,14 @@ def claim(url: str | Path, stage: str) -> str:
                         "replaces a directory it did not make, even with --force; choose another path or move it away")
 
 
+def claim_output(url: str | Path, stage: str) -> str:
+    """`claim` an output and its temporary names (`<url>.incomplete`, `<url>.old`) before any work; returns
+    what stands at the output itself."""
+    for temporary in (".incomplete", ".old"):
+        claim(f"{url}{temporary}", stage)
+    return claim(url, stage)
+
+
 def mark(url: str | Path, stage: str) -> None:
     """Write the marker that makes the directory at `url` a `stage` output (the directory must exist)."""
     Store(str(url)).write_json(MARKER, {"stage": stage, "bertpipe": library_versions().get("bertpipe"),
@@ -128,7 +136,7 @@ def atomic_dir(final: str | Path, stage: str) -> Iterator[Path]:
 
     An OSError inside (a read-only file system, a full disk) becomes one line naming the file."""
     final = Path(final)
-    claim(final, stage)
+    claim_output(final, stage)
     tmp = final.with_name(final.name + ".incomplete")
     remove_own(tmp, stage)
     try:

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import atomic_dir, claim, write_json
+from pipeline.artifacts import atomic_dir, claim_output, write_json
 from pipeline.errors import BertpipeError
 from pipeline.model import BertConfig, BertForPreTraining
 from pipeline.vocab import verify_vocab
@@ -254,7 +254,7 @@ def export_hf(
     is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written; `out_dir`
     may only be absent, empty or an earlier export (anything else is refused before any work).
     """
-    claim(out_dir, "export")
+    claim_output(out_dir, "export")
     model = source if isinstance(source, BertForPreTraining) else load_hf(source)[0]
     if vocab_dir is not None:
         vocab_dir = Path(vocab_dir)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import claim, library_versions, mark, remove_own, sha256_json, swap_into
+from pipeline.artifacts import claim_output, library_versions, mark, remove_own, sha256_json, swap_into
 from pipeline.config import to_dict
 from pipeline.corpus import Corpus, CorpusConfig, Document
 from pipeline.errors import BertpipeError
@@ -244,8 +244,7 @@ def _plan(cfg: ShardConfig, corpus: Corpus) -> ShardPlan:
     loads and matches its manifest, the corpus exists. Nothing is written."""
     out = Store(cfg.output_dir)
     work = Store(out.url + ".incomplete")
-    claim(out.url, "shard")
-    claim(work.url, "shard")
+    claim_output(out.url, "shard")
     load_vocab(cfg.vocab_dir)
     vocab_sha = vocab_hash(cfg.vocab_dir)
     inputs = corpus.fingerprint()

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from pipeline.artifacts import atomic_dir, claim, library_versions, read_manifest, sha256_file, sha256_json, write_json
+from pipeline.artifacts import (
+    atomic_dir,
+    claim_output,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    write_json,
+)
 from pipeline.config import to_dict
 from pipeline.corpus import Corpus, CorpusConfig
 from pipeline.errors import BertpipeError
@@ -68,7 +76,7 @@ def build_vocab(cfg: VocabConfig, force: bool = False) -> Path:
 
     `output_dir` may only be absent, empty or an earlier vocabulary (anything else stops the stage)."""
     out = Path(cfg.output_dir)
-    state = claim(out, "vocab")
+    state = claim_output(out, "vocab")
     corpus = Corpus(cfg.corpus)
     inputs = corpus.fingerprint()
     key = sha256_json({"inputs": inputs, "settings": cfg.settings()})

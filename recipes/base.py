@@ -44,7 +44,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
-from pipeline.artifacts import claim, library_versions, mark, remove_own, sha256_file, swap_into, write_json
+from pipeline.artifacts import claim_output, library_versions, mark, remove_own, sha256_file, swap_into, write_json
 from pipeline.config import check_all, load_config, to_dict
 from pipeline.errors import BertpipeError
 from pipeline.schedule import warmup_decay
@@ -503,10 +503,8 @@ def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) ->
     spec = get_task(cfg.task.name)
     run_dir = Path(cfg.run_dir)
     main = rank_zero_only.rank == 0  # ranks other than 0 re-run this command under Lightning's DDP launcher
-    if main:
-        claim(run_dir.with_name(run_dir.name + ".incomplete"), "finetune")
-        if claim(run_dir, "finetune") == "ours" and not force:
-            raise BertpipeError(f"{run_dir} holds a finished run; pass --force to replace it")
+    if main and claim_output(run_dir, "finetune") == "ours" and not force:
+        raise BertpipeError(f"{run_dir} holds a finished run; pass --force to replace it")
     splits = read_splits(cfg.task, spec)  # bad input fails here, before a model is built or a file written
     work = _prepare(run_dir) if main else run_dir.with_name(run_dir.name + ".incomplete")
     try:
