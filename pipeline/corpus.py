@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 FORMATS = ("auto", "wikiextractor", "jsonl", "book", "plain", "pydoc")
 PYDOC = "pydoc"  # the path (and format) of the embedded corpus: Python's own documentation
 _CHUNK = 1 << 20
-# bytes: a line this long is no paragraph (the longest in the Wikipedia sample has 6,251): likely a file
-# without line breaks, whose one "document" starves the vocabulary and the shards
-LONG_LINE = 100_000
+# characters: a paragraph this long is no paragraph (the longest in the Wikipedia sample has 6,251): likely a
+# file whose line breaks were lost, which starves the vocabulary and yields almost no pretraining instances
+LONG_PARAGRAPH = 100_000
+_warned: set[str] = set()  # files already warned about, in this process
 _DOC_OPEN = re.compile(r'^<doc id="([^"]*)" url="([^"]*)" title="([^"]*)">\s*$')
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG", re.I)
 _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I)
@@ -125,6 +126,7 @@ class Corpus:
         for f in self.files():
             for doc in self.read_file(f):
                 self.documents_read += 1
+                _warn_long(doc)
                 yield doc
         if self.documents_read == 0:
             raise CorpusError(f"corpus is empty: {len(self.files())} file(s) and no text in them")
@@ -167,7 +169,7 @@ class Corpus:
         except (OSError, ValueError) as err:
             raise CorpusError(f"cannot open {path}: {err}") from None
         with fh:
-            offset, rest, first, lineno, warned = 0, b"", True, 0, False
+            offset, rest, first = 0, b"", True
             while True:
                 try:
                     block = fh.read(_CHUNK)
@@ -184,13 +186,9 @@ class Corpus:
                 parts = (rest + block).split(b"\n")
                 rest = parts.pop()
                 for raw in parts:
-                    lineno += 1
-                    warned = warned or _warn_long(raw, path, lineno)
                     yield self._decode(raw, path, offset, strict)
                     offset += len(raw) + 1
             if rest:
-                if not warned:
-                    _warn_long(rest, path, lineno + 1)
                 yield self._decode(rest, path, offset, strict)
 
     def _decode(self, raw: bytes, path: str, offset: int, strict: bool) -> str:
@@ -207,14 +205,16 @@ class Corpus:
         return text.rstrip("\r")
 
 
-def _warn_long(raw: bytes, path: str, lineno: int) -> bool:
-    """Warn (once per file, by the caller) about a line far beyond any paragraph's length."""
-    if len(raw) <= LONG_LINE:
-        return False
-    log.warning("%s: line %d holds %s bytes without a line break, far beyond any paragraph (is this text with "
-                "line breaks?); documents like it give a poor vocabulary and almost no pretraining instances",
-                path, lineno, f"{len(raw):,}")
-    return True
+def _warn_long(doc: Document) -> None:
+    """Warn, once per file, about a document holding a paragraph far beyond any real one."""
+    if len(doc.text) <= LONG_PARAGRAPH or doc.source in _warned:
+        return
+    longest = max(map(len, doc.text.split("\n")))
+    if longest > LONG_PARAGRAPH:
+        _warned.add(doc.source)
+        log.warning("%s: document %s holds a paragraph of %s characters without a line break, far beyond any real "
+                    "paragraph (were the file's line breaks lost?); text like it gives a poor vocabulary and almost "
+                    "no pretraining instances", doc.source, doc.id, f"{longest:,}")
 
 
 def _sniff(path: str, lines: Iterator[str]) -> tuple[str, Iterator[str]]:

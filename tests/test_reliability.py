@@ -259,7 +259,7 @@ def test_an_override_that_is_not_yaml_gets_a_hint_to_quote(wiki_vocab, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_line_without_breaks_and_a_low_instance_yield_are_warned(wiki_files, wiki_vocab, tmp_path, cli):
+def test_a_paragraph_without_breaks_and_a_low_instance_yield_are_warned(wiki_files, wiki_vocab, tmp_path, cli):
     # real articles with their line breaks and sentence ends lost: one 1.7 MB line, a single "sentence"
     text = " ".join(w.strip(".,;:!?()\"'") for f in wiki_files[44:46] for w in f.read_text().split()
                     if not w.startswith(("<", "url=", "id=", "title=")))
@@ -270,7 +270,7 @@ def test_a_line_without_breaks_and_a_low_instance_yield_are_warned(wiki_files, w
     real.write_text("\n\n".join(paragraphs)[:200_000])
     code, _, err = cli("vocab", inputs(real, junk), f"output_dir={tmp_path / 'vocab'}", "vocab_size=3000", "--quiet")
     assert code == 0, err
-    assert f"{junk}: line 1 holds {len(text.encode()):,} bytes without a line break" in err, err
+    assert f"{junk}: document {junk.name}:0 holds a paragraph of {len(text.strip()):,} characters" in err, err
     code, _, err = cli("shard", inputs(real, junk), f"vocab_dir={wiki_vocab}", f"output_dir={tmp_path / 's'}",
                        "workers=1", "--quiet")
     assert code == 0, err
