@@ -141,6 +141,7 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
 	$(BIN)/python bench/model_gpu.py
+	$(BIN)/python bench/reliability.py
 	test -f $(BUILD)/demo/runs/sst2/results.json || $(MAKE) --no-print-directory demo
 	$(BIN)/python bench/serve.py --run $(BUILD)/demo/runs/sst2
 

@@ -178,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _resolve(COMMANDS[name][1])(rest)
     except BertpipeError as err:
-        print(f"bertpipe {name}: error: {err}", file=sys.stderr)
+        every_rank = getattr(err, "every_rank", False)  # raised alike on every rank: rank 0 alone says it
+        if not every_rank or int(os.environ.get("RANK", "0")) == 0:
+            print(f"bertpipe {name}: error: {err}", file=sys.stderr)
+        if every_rank:
+            from pipeline.distributed import exit_together
+
+            exit_together(err.exit_code)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"bertpipe {name}: interrupted", file=sys.stderr)

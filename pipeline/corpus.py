@@ -30,6 +30,10 @@ HF_SUFFIXES = (".arrow", ".parquet")  # the files of an HF dataset: save_to_disk
 HF_BATCH = 1000  # rows per batch streamed from a dataset file
 PYDOC = "pydoc"  # the path (and format) of the embedded corpus: Python's own documentation
 _CHUNK = 1 << 20
+# characters: a paragraph this long is no paragraph (the longest in the Wikipedia sample has 6,251): likely a
+# file whose line breaks were lost, which starves the vocabulary and yields almost no pretraining instances
+LONG_PARAGRAPH = 100_000
+_warned: set[str] = set()  # files already warned about, in this process
 _DOC_OPEN = re.compile(r'^<doc id="([^"]*)" url="([^"]*)" title="([^"]*)">\s*$')
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG", re.I)
 _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I)
@@ -156,6 +160,7 @@ class Corpus:
         for f in self.files():
             for doc in self.read_file(f):
                 self.documents_read += 1
+                _warn_long(doc)
                 yield doc
         if self.documents_read == 0:
             raise CorpusError(f"corpus is empty: {len(self.files())} file(s) and no text in them")
@@ -235,6 +240,18 @@ class Corpus:
             text = raw.decode("utf-8", "replace")
             self.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
         return text.rstrip("\r")
+
+
+def _warn_long(doc: Document) -> None:
+    """Warn, once per file, about a document holding a paragraph far beyond any real one."""
+    if len(doc.text) <= LONG_PARAGRAPH or doc.source in _warned:
+        return
+    longest = max(map(len, doc.text.split("\n")))
+    if longest > LONG_PARAGRAPH:
+        _warned.add(doc.source)
+        log.warning("%s: document %s holds a paragraph of %s characters without a line break, far beyond any real "
+                    "paragraph (were the file's line breaks lost?); text like it gives a poor vocabulary and almost "
+                    "no pretraining instances", doc.source, doc.id, f"{longest:,}")
 
 
 def _sniff(path: str, lines: Iterator[str]) -> tuple[str, Iterator[str]]:

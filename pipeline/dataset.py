@@ -14,7 +14,7 @@ import io
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +60,31 @@ class ShardSet:
                 f"shards in {self.store.url} were built with another vocabulary "
                 f"(vocab.txt sha256 {self.manifest['vocab_sha256'][:12]}, {vocab_dir} has {have[:12]})"
             )
+
+    def check_files(self, picked: Iterable[int]) -> None:
+        """Check shards (indices into this set) against the manifest, size first, then sha256: a missing,
+        truncated or damaged shard stops the run naming it before training reads a row of it."""
+        for i in picked:
+            info = self.shards[i]
+            name, path = info["name"], self.store.path(info["name"])
+            try:
+                size = self.store.fs.size(path)
+                if size != info["bytes"]:
+                    raise BertpipeError(f"shard {name} in {self.store.url} is truncated or overwritten: {size:,} "
+                                        f"bytes, the manifest says {info['bytes']:,}; rebuild the shards "
+                                        "(bertpipe shard --force)")
+                digest = hashlib.sha256()
+                with self.store.fs.open(path, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+            except FileNotFoundError:
+                raise BertpipeError(f"shard {name} in {self.store.url} is missing (the manifest lists it); "
+                                    "rebuild the shards (bertpipe shard --force)") from None
+            except OSError as err:
+                raise BertpipeError(f"cannot read shard {name} in {self.store.url}: {err}") from None
+            if digest.hexdigest() != info["sha256"]:
+                raise BertpipeError(f"shard {name} in {self.store.url} is corrupt (its sha256 differs from the "
+                                    "manifest's); rebuild the shards (bertpipe shard --force)")
 
     def locate(self, row: int) -> tuple[str, int]:
         """(shard name, row within it) of a global row index: where a bad batch came from."""

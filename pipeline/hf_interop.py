@@ -28,9 +28,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import atomic_dir, write_json
+from pipeline.artifacts import atomic_dir, claim_output, write_json
+from pipeline.checkpoint import refused, scan, weights_only
 from pipeline.errors import BertpipeError
 from pipeline.model import BertConfig, BertForPreTraining
+from pipeline.vocab import verify_vocab
 
 log = logging.getLogger(__name__)
 
@@ -238,37 +240,16 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
 
 
 @contextmanager
-def _deepspeed_weights_only():
-    """Make DeepSpeed's checkpoint readers load tensors only.
-
-    zero_to_fp32 calls `torch.load(weights_only=False)`, which would run any code a file's pickle names. Its
-    files hold tensors, plain types and three DeepSpeed classes (loss scalers, the ZeRO stage enum, a fragment
-    address): those are allowed and everything else is refused, as for any other checkpoint.
-    """
+def _cpu_accelerator():
+    """Reading checkpoint files needs no device (nor DeepSpeed's notice on stdout that it found none)."""
     unset = "DS_ACCELERATOR" not in os.environ
-    if unset:  # reading files needs no device (nor DeepSpeed's notice on stdout that it found none)
+    if unset:
         os.environ["DS_ACCELERATOR"] = "cpu"
     try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401
+        yield
     finally:
         if unset:
             del os.environ["DS_ACCELERATOR"]
-
-    load = torch.load
-
-    def weights_only_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return load(*args, **kwargs)
-
-    torch.load = weights_only_load
-    try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-            yield
-    finally:
-        torch.load = load
 
 
 def consolidated_state(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
@@ -282,8 +263,10 @@ def consolidated_state(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
     first = next((directory / n for n in DS_MODEL_STATES if (directory / n).is_file()), None)
     if first is None:
         raise BertpipeError(f"{directory}: not a DeepSpeed checkpoint (no {' or '.join(DS_MODEL_STATES)})")
+    for path in sorted(directory.glob("*.pt")):  # refused before anything is unpickled, on every rank alike
+        scan(path)
     try:
-        with _deepspeed_weights_only():
+        with _cpu_accelerator(), weights_only():
             states = torch.load(first, map_location="cpu", weights_only=True)
             stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
             if stage > 0:
@@ -295,6 +278,8 @@ def consolidated_state(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
                 state = _zero0_fp32(states, directory)
     except BertpipeError:
         raise
+    except pickle.UnpicklingError as err:
+        raise refused(directory, err) from None
     except Exception as err:  # a damaged or foreign file: DeepSpeed and torch raise many kinds
         raise BertpipeError(f"cannot read DeepSpeed checkpoint {directory}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
@@ -361,6 +346,7 @@ def _vocab_size(vocab_dir: Path) -> int:
     vocab = vocab_dir / "vocab.txt"
     if not vocab.is_file():
         raise BertpipeError(f"{vocab_dir}: no vocab.txt (run `bertpipe vocab` first)")
+    verify_vocab(vocab_dir)
     return len(vocab.read_text(encoding="utf-8").splitlines())
 
 
@@ -371,8 +357,10 @@ def export_hf(
 
     `source` is a model or a checkpoint path. With `vocab_dir`, its tokenizer files are copied so the
     directory also loads with `BertTokenizerFast`; its size must match the model's vocabulary. The directory
-    is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written.
+    is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written; `out_dir`
+    may only be absent, empty or an earlier export (anything else is refused before any work).
     """
+    claim_output(out_dir, "export")
     model = source if isinstance(source, BertForPreTraining) else load_hf(source)[0]
     if vocab_dir is not None:
         vocab_dir = Path(vocab_dir)
@@ -380,7 +368,7 @@ def export_hf(
         if size != model.config.vocab_size:
             raise BertpipeError(f"{vocab_dir} has {size} tokens, the model's vocabulary {model.config.vocab_size}")
     tensors = _tensors(model)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export") as tmp:
         dtype = tensors["bert.embeddings.word_embeddings.weight"].dtype
         write_json(tmp / HF_CONFIG, hf_config(model.config, dtype))
         _save_weights(tensors, tmp / WEIGHTS, {})

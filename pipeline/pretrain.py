@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 import zlib
@@ -22,21 +23,23 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
+from tokenizers import Tokenizer
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import claim, mark, os_reason, owner, sha256_json, write_json
 from pipeline.checkpoint import CheckpointManager
 from pipeline.collate import MaskingConfig, MLMCollator, continuation_flags
 from pipeline.config import check_all, to_dict
 from pipeline.dataset import PretrainingLoader, ShardSet
-from pipeline.distributed import Dist, all_mean, any_rank, barrier, init_distributed
+from pipeline.distributed import Dist, agree, all_mean, any_rank, barrier, init_distributed
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import MODEL_CONFIG, consolidated_state, export_hf, load_weights, read_config
 from pipeline.log import progress
 from pipeline.model import PRESETS, BertForPreTraining, from_preset
+from pipeline.resume import check_resumable, config_changes
 from pipeline.schedule import warmup_decay
-from pipeline.tracking import TrackConfig, Tracker
-from pipeline.vocab import vocab_hash
-from tokenization import load_tokenizer, special_ids
+from pipeline.tracking import TrackConfig, Tracker, trim_metrics
+from pipeline.vocab import load_vocab, vocab_hash
+from tokenization import SpecialIds, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -250,25 +253,103 @@ def _accuracy(out, batch) -> tuple[float, float]:
     return mlm, nsp
 
 
-def pretrain(cfg: PretrainConfig) -> int:
-    """Run (or resume) pretraining in `cfg.run_dir`; returns 0 when done, EXIT_PREEMPTED after a signal."""
-    dist = init_distributed()
-    torch.manual_seed(cfg.seed + dist.rank)
-    run_dir = Path(cfg.run_dir)
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    barrier()
+@dataclass
+class _Setup:
+    """What the checks before step 1 found: verified inputs, the model, and the checkpoint to resume from."""
+    tokenizer: Tokenizer
+    special: SpecialIds
+    every: ShardSet
+    held: int  # the last `held` shards are for evaluation
+    model: BertForPreTraining
+    ds_config: dict
+    tag: str | None = None  # the checkpoint to resume from
+    step: int = 0
+    changes: dict = field(default_factory=dict)  # config key -> (recorded, new): applied on resume
 
-    tokenizer = load_tokenizer(cfg.data.vocab_dir)
-    special = special_ids(tokenizer)
+
+def _preflight(cfg: PretrainConfig, dist: Dist, checkpoints: CheckpointManager) -> _Setup:
+    """Every check before step 1, on every rank, writing nothing: the run directory is free or this run's own,
+    the vocabulary and every shard match their manifests, the config fits the world size, and a resumed run
+    keeps what exact resume needs (pipeline/resume.py)."""
+    state = claim(cfg.run_dir, "pretrain")
+    tokenizer = load_vocab(cfg.data.vocab_dir)
+    try:
+        special = special_ids(tokenizer)
+    except ValueError as err:
+        raise BertpipeError(f"{cfg.data.vocab_dir}: {err}") from None
     every = ShardSet(cfg.data.shards)
     every.check_vocab(cfg.data.vocab_dir)
     n_shards = len(every.shards)
     if cfg.eval_every and not 0 < cfg.data.eval_shards < n_shards:
         raise BertpipeError(f"data.eval_shards={cfg.data.eval_shards} must leave training shards "
                             f"(there are {n_shards}); set eval_every=0 to skip evaluation")
-    held = cfg.data.eval_shards if cfg.eval_every else 0
+    every.check_files(range(dist.rank, n_shards, dist.world_size))  # the ranks share the hashing
+    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
+    model = _build_model(cfg, special.vocab_size, every.max_seq_len)
+    setup = _Setup(tokenizer, special, every, cfg.data.eval_shards if cfg.eval_every else 0, model, ds_config)
+    setup.tag = checkpoints.latest() if state == "ours" else None
+    if setup.tag:
+        meta = checkpoints.check(setup.tag, dist.world_size, cfg.zero_stage)
+        setup.step = meta["step"]
+        if meta.get("shards_sha256", shards_digest(every)) != shards_digest(every):
+            raise BertpipeError(f"cannot resume {cfg.run_dir} with data.shards={cfg.data.shards}: those are not "
+                                f"the shards it trained on (their manifest differs); start a new run_dir")
+        recorded = Path(cfg.run_dir) / "config.yaml"
+        try:
+            before = yaml.safe_load(recorded.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise BertpipeError(f"cannot read {recorded}, the config of the run to resume: {err}") from None
+        changes = config_changes(before, to_dict(cfg), to_dict(PretrainConfig()))
+        setup.changes = check_resumable(changes, cfg.run_dir)
+    return setup
+
+
+def shards_digest(shards: ShardSet) -> str:
+    """The identity of a shard set (every shard's name, rows and sha256), recorded in each checkpoint."""
+    return sha256_json(shards.manifest["shards"])
+
+
+def _start_run_dir(cfg: PretrainConfig, setup: _Setup) -> None:
+    """Write the run directory, once every check passed: its marker, the config in use (the recorded one is
+    replaced only after the comparison) and metrics.jsonl without the lines after the checkpoint resumed."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if owner(run_dir) != "pretrain":
+            mark(run_dir, "pretrain")
+        dropped = trim_metrics(run_dir, setup.step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d line(s) after step %d, which this run logs again", dropped, setup.step)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+        # what `bertpipe export RUN_DIR` and `model-info --checkpoint RUN_DIR` rebuild the model from
+        write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(setup.model.config))
+    except OSError as err:
+        raise BertpipeError(f"cannot write the run directory {run_dir}: {os_reason(err)}") from None
+
+
+def _rebase_schedule(scheduler, cfg: PretrainConfig) -> None:
+    """Put this config's LR schedule on the restored scheduler: load_checkpoint brings back the base LR it was
+    saved with, which would silently override a changed optim.lr (the other schedule keys act through
+    lr_factor). With an unchanged config this recomputes the very same LR."""
+    scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = cfg.optim.lr
+        group["lr"] = cfg.optim.lr * lr_factor(scheduler.last_epoch, cfg)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def pretrain(cfg: PretrainConfig) -> int:
+    """Run (or resume) pretraining in `cfg.run_dir`; returns 0 when done, EXIT_PREEMPTED after a signal."""
+    dist = init_distributed()
+    torch.manual_seed(cfg.seed + dist.rank)
+    run_dir = Path(cfg.run_dir)
+    checkpoints = CheckpointManager(run_dir, cfg.keep_checkpoints, dist.rank, dist.world_size)
+    setup = agree(lambda: _preflight(cfg, dist, checkpoints))  # bad input: one line from rank 0, nothing written
+
+    tokenizer, special, every, held = setup.tokenizer, setup.special, setup.every, setup.held
+    n_shards = len(every.shards)
     train_set = ShardSet(cfg.data.shards, shards=list(range(n_shards - held)))
     max_len = every.max_seq_len
     masking = cfg.data.masking
@@ -279,36 +360,38 @@ def pretrain(cfg: PretrainConfig) -> int:
                                world_size=dist.world_size, workers=cfg.data.loader_workers, seed=cfg.seed,
                                shuffle_buffer=cfg.data.shuffle_buffer)
 
-    model = _build_model(cfg, special.vocab_size, max_len)
-    if dist.main:  # what `bertpipe export RUN_DIR` and `model-info --checkpoint RUN_DIR` rebuild the model from
-        write_json(run_dir / MODEL_CONFIG, dataclasses.asdict(model.config))
+    model = setup.model
     if cfg.model.compile:  # in place: parameter names (and so checkpoints) keep no `_orig_mod.` prefix
         model.compile()
-    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
+    ds_config = setup.ds_config
     import deepspeed
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.param_groups(cfg.optim.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)),
     )
-    checkpoints = CheckpointManager(run_dir, cfg.keep_checkpoints, dist.rank, dist.world_size)
     step = 0
-    tag = checkpoints.latest()
+    tag = setup.tag
     if tag:
-        checkpoints.check(tag, dist.world_size, cfg.zero_stage)
-        state = checkpoints.load(engine, tag)
+        state = agree(lambda: checkpoints.load(engine, tag))
         step = state["step"]
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         if dist.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        log.info("resumed from %s at step %d", tag, step)
+        _rebase_schedule(scheduler, cfg)
+        log.info("resumed from %s at step %d%s", tag, step, "; changed: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in setup.changes.items()) if setup.changes else "")
+    agree(lambda: _start_run_dir(cfg, setup) if dist.main else None)  # written only once the checkpoint loaded
 
     peak, peak_source = peak_tflops(cfg, dist.device)
     tracker = Tracker(run_dir, cfg.track, to_dict(cfg), enabled=dist.main)
     if dist.main and step == 0:
         tracker.log({"flop_convention": FLOP_CONVENTION, "peak_tflops": peak, "peak_source": peak_source,
                      "world_size": dist.world_size, "deepspeed": ds_config}, step, event="start")
+    elif dist.main:  # the resume, with every config change it applies: the run's history of settings
+        tracker.log({"checkpoint": tag, "world_size": dist.world_size,
+                     "changes": {k: list(v) for k, v in setup.changes.items()}}, step, event="resume")
     flops_per_token = model.flops_per_token(max_len, masking.mlm_probability)
     stop = _Stop()
     grad_accum = ds_config["gradient_accumulation_steps"]
@@ -438,7 +521,8 @@ def _save(checkpoints: CheckpointManager, engine, step: int, loader: Pretraining
     state = {"loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}
     if dist.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(dist.device)
-    tag = checkpoints.save(engine, step, state, {"zero_stage": cfg.zero_stage, "precision": cfg.precision})
+    tag = checkpoints.save(engine, step, state, {"zero_stage": cfg.zero_stage, "precision": cfg.precision,
+                                                 "shards_sha256": shards_digest(loader.shards)})
     log.info("saved checkpoint %s", tag)
 
 

@@ -30,20 +30,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import library_versions, sha256_json
+from pipeline.artifacts import claim_output, library_versions, mark, remove_own, sha256_json, swap_into
 from pipeline.config import to_dict
 from pipeline.corpus import Corpus, CorpusConfig, Document
 from pipeline.errors import BertpipeError
 from pipeline.instances import IS_NEXT, document_instances, gather, split_sentences
 from pipeline.log import progress
 from pipeline.store import Store
-from pipeline.vocab import vocab_hash
+from pipeline.vocab import load_vocab, vocab_hash
 from tokenization import load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PARTS = "_parts"
+# instances x (max_seq_len - 3) / tokens: about 1.2 on real text (short instances push it above 1); a corpus far
+# below it is mostly sentences too long to pair (a file without line breaks or punctuation)
+LOW_YIELD = 0.25
 SCHEMA = pa.schema([
     pa.field("input_ids", pa.list_(pa.int32())),  # [CLS] A [SEP] B [SEP], unmasked, unpadded
     pa.field("token_type_ids", pa.list_(pa.int8())),  # 0 for [CLS] A [SEP], 1 for B [SEP]
@@ -74,9 +77,12 @@ class ShardConfig:
         if not 8 <= self.max_seq_len <= 4096:
             raise ValueError(f"max_seq_len must be within 8..4096, not {self.max_seq_len}")
         if not 0 <= self.short_seq_prob <= 1:
-            raise ValueError("short_seq_prob must be within 0..1")
-        if self.dupe_factor < 1 or self.rows_per_shard < 1 or self.chunk_chars < 1 or self.workers < 0:
-            raise ValueError("dupe_factor, rows_per_shard and chunk_chars must be positive, workers >= 0")
+            raise ValueError(f"short_seq_prob must be within 0..1, not {self.short_seq_prob}")
+        for key, low in (("dupe_factor", 1), ("rows_per_shard", 1), ("chunk_chars", 1), ("workers", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be at least {low}, not {getattr(self, key)}")
+        if not 1 <= self.compression_level <= 22:
+            raise ValueError(f"compression_level must be within 1..22 (zstd's levels), not {self.compression_level}")
 
     def settings(self) -> dict:
         keys = ("max_seq_len", "short_seq_prob", "dupe_factor", "rows_per_shard", "chunk_chars", "seed")
@@ -196,11 +202,12 @@ def _run_worker(cfg: ShardConfig, work_url: str, lane: int, lanes: int, have: se
     builder, store, total = ChunkBuilder(cfg), Store(work_url), 0
     for index, docs in chunks(Corpus(cfg.corpus).documents(), cfg.chunk_chars):
         total = index + 1
-        name = f"part.{index:06d}.parquet"
+        name = _part(index)
         if index % lanes != lane or name in have:
             continue
         data, _ = builder.build(index, docs)
-        store.write_bytes(f"{PARTS}/{name}", data)
+        digest = store.write_bytes(f"{PARTS}/{name}", data)
+        store.write_bytes(f"{PARTS}/{name}.sha256", digest.encode())  # written after its part: how resume trusts it
         if _done_queue is not None:
             _done_queue.put(1)
     return total
@@ -233,13 +240,16 @@ class ShardPlan:
 
 
 def _plan(cfg: ShardConfig, corpus: Corpus) -> ShardPlan:
-    if not (os.path.isdir(cfg.vocab_dir)):
-        raise BertpipeError(f"vocab directory not found: {cfg.vocab_dir} (run `bertpipe vocab` first)")
+    """Every check that needs no work: the output and its temporary name are free or ours, the vocabulary
+    loads and matches its manifest, the corpus exists. Nothing is written."""
+    out = Store(cfg.output_dir)
+    work = Store(out.url + ".incomplete")
+    claim_output(out.url, "shard")
+    load_vocab(cfg.vocab_dir)
     vocab_sha = vocab_hash(cfg.vocab_dir)
     inputs = corpus.fingerprint()
     key = sha256_json({"inputs": inputs, "settings": cfg.settings(), "vocab": vocab_sha})
-    out = Store(cfg.output_dir)
-    return ShardPlan(cfg, out, Store(out.url + ".incomplete"), key, inputs, vocab_sha)
+    return ShardPlan(cfg, out, work, key, inputs, vocab_sha)
 
 
 def build_shards(cfg: ShardConfig, task_index: int | None = None, num_tasks: int | None = None,
@@ -258,36 +268,73 @@ def build_shards(cfg: ShardConfig, task_index: int | None = None, num_tasks: int
         log.info("shards in %s are up to date (inputs, vocab and settings unchanged)", plan.out.url)
         return plan.out.url
     _prepare_work_dir(plan, force)
-    marker = f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json"
-    if not plan.work.exists(marker) and not plan.work.exists("manifest.json"):
-        _write_parts(plan, task_index, num_tasks)
+    marker = plan.work.read_json(f"{PARTS}/task-{task_index:05d}-of-{num_tasks:05d}.json")
+    if not plan.work.exists("manifest.json") and (
+            marker is None or not _task_intact(plan.work, task_index, num_tasks, marker["chunks"])):
+        try:
+            _write_parts(plan, task_index, num_tasks)
+        except BaseException:
+            if num_tasks == 1 and not any(n.startswith("part.") for n in plan.work.listdir(PARTS)):
+                plan.work.remove()  # nothing finished worth resuming: leave no debris
+            raise
     if merge:
         _merge(plan, num_tasks)
-        plan.work.move_to(plan.out)
+        swap_into(plan.work.url, plan.out.url, "shard")
         log.info("wrote %s", plan.out.url)
     return plan.out.url
 
 
 def _prepare_work_dir(plan: ShardPlan, force: bool) -> None:
     """Resume a work dir built from the same inputs and settings; start over otherwise."""
-    plan.work.makedirs(PARTS)
     state = plan.work.read_json(f"{PARTS}/key.json")
     if state is None or state.get("key") != plan.key or force:
         if state is not None:
             log.info("inputs or settings changed since the interrupted run: starting over")
-        plan.work.remove()
+        remove_own(plan.work.url, "shard")
         plan.work.makedirs(PARTS)
+        mark(plan.work.url, "shard")
         plan.work.write_json(f"{PARTS}/key.json", {"key": plan.key})
     elif plan.work.listdir(PARTS):
         log.info("resuming the interrupted run in %s", plan.work.url)
 
 
+def _part(index: int) -> str:
+    return f"part.{index:06d}.parquet"
+
+
+def _good_parts(work: Store, names: list[str]) -> set[str]:
+    """Which of the parts `names` are finished and still match the sha256 written beside them. The others
+    (damaged, or cut off before their checksum) are removed with any `.tmp` left of them, to be built again;
+    `names` are only ever parts this process may write (another array task's are not touched)."""
+    listed = set(work.listdir(PARTS))
+    good = set()
+    for name in names:
+        expected = work.read_bytes(f"{PARTS}/{name}.sha256").decode() if f"{name}.sha256" in listed else None
+        if name in listed and expected and hashlib.sha256(work.read_bytes(f"{PARTS}/{name}")).hexdigest() == expected:
+            good.add(name)
+            continue
+        if name in listed and expected:
+            log.warning("part %s in %s is damaged (its sha256 differs): building it again", name, work.url)
+        for leftover in (name, f"{name}.sha256", f"{name}.tmp", f"{name}.sha256.tmp"):
+            if leftover in listed:
+                work.remove(f"{PARTS}/{leftover}")
+    return good
+
+
+def _task_intact(work: Store, task_index: int, num_tasks: int, total: int) -> bool:
+    """Whether every part of a finished task is still there and undamaged."""
+    mine = [_part(c) for c in range(task_index, total, num_tasks)]
+    return len(_good_parts(work, mine)) == len(mine)
+
+
 def _write_parts(plan: ShardPlan, task_index: int, num_tasks: int) -> None:
     """This task's parts: chunk c belongs to task c % num_tasks, and to worker (c // num_tasks) % workers."""
     cfg, work = plan.cfg, plan.work
-    have = set(work.listdir(PARTS))
-    if have - {"key.json"}:
-        log.info("resuming: %d part(s) already done", sum(n.startswith("part.") for n in have))
+    mine = sorted({n.split(".parquet")[0] + ".parquet" for n in work.listdir(PARTS) if n.startswith("part.")
+                   and int(n.split(".")[1]) % num_tasks == task_index})
+    have = _good_parts(work, mine)
+    if have:
+        log.info("resuming: %d part(s) already done", len(have))
     workers = cfg.workers or _cpu_count()
     lanes = num_tasks * workers
     desc = f"shard (task {task_index}/{num_tasks})" if num_tasks > 1 else "shard"
@@ -318,6 +365,10 @@ def _merge(plan: ShardPlan, num_tasks: int) -> None:
         raise BertpipeError(f"cannot merge: array task(s) {missing} of {num_tasks} have not finished")
     total = markers[0]["chunks"]
     start = time.perf_counter()
+    good = _good_parts(work, [_part(i) for i in range(total)])
+    if len(good) < total:  # damaged since its task finished: this process builds it again
+        log.warning("building %d missing or damaged part(s) again", total - len(good))
+        _run_worker(cfg, work.url, 0, 1, good)
     stats: dict[str, int] = {}
     shards, buffer, buffered, shard_index = [], [], 0, 0
 
@@ -339,7 +390,7 @@ def _merge(plan: ShardPlan, num_tasks: int) -> None:
         shard_index += 1
 
     for index in progress(range(total), unit="part", desc="merge"):
-        part = f"{PARTS}/part.{index:06d}.parquet"
+        part = f"{PARTS}/{_part(index)}"
         if not work.exists(part):
             raise BertpipeError(f"cannot merge: part {index} of {total} is missing in {work.url}")
         table = pq.read_table(io.BytesIO(work.read_bytes(part)))
@@ -353,6 +404,11 @@ def _merge(plan: ShardPlan, num_tasks: int) -> None:
         flush(buffered)
     if not shards:
         raise BertpipeError("the corpus yielded no pretraining instances")
+    used = stats["instances"] * (cfg.max_seq_len - 3) / max(stats["tokens"] * cfg.dupe_factor, 1)
+    if used < LOW_YIELD:
+        log.warning("only %s instances from %s tokens, about %.0f%% of what real sentences yield: are the documents "
+                    "a few giant lines or sentences? Check the corpus's format and line breaks",
+                    f"{stats['instances']:,}", f"{stats['tokens']:,}", 100 * used / 1.2)
     work.write_json("manifest.json", {
         "stage": "shard",
         "format_version": FORMAT_VERSION,

@@ -83,6 +83,29 @@ class Tracker:
             self.run = None
 
 
+def trim_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop the lines of metrics.jsonl after `step` (a resumed run logs those steps again; a fresh start, step
+    0, keeps none), and any line a kill cut short. Returns how many lines were dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += bool(line.strip())
+            continue
+        if step > 0 and record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

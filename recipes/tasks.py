@@ -435,9 +435,11 @@ class WordPieceEncoder:
     vocab.txt alone); `special` tells where its specials and unused slots sit."""
 
     def __init__(self, directory: str | Path):
+        from pipeline.vocab import verify_vocab
         from tokenization import load_tokenizer, special_ids
 
         directory = Path(directory)
+        verify_vocab(directory)  # a vocab stage's directory: its files against its manifest
         try:
             self.tokenizer = load_tokenizer(directory)
             self.special = special_ids(self.tokenizer)

@@ -47,7 +47,7 @@ def test_export_loads_in_transformers_with_equal_outputs(model, vocab_dir, tmp_p
     out = export_hf(model, tmp_path / "hf", vocab_dir)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json"])
+         "special_tokens_map.json", "bertpipe.json"])  # the marker that lets bertpipe replace its own export
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
 
     hf, info = transformers.BertForPreTraining.from_pretrained(out, output_loading_info=True)
