@@ -31,15 +31,22 @@ log = logging.getLogger(__name__)
 
 
 class ShardSet:
-    """The shards of a shard directory (or a subset of them), checked against the manifest, read lazily."""
+    """The shards of a shard directory (or a subset of them), checked against the manifest, read lazily.
 
-    def __init__(self, url: str, shards: list[int] | None = None, verify: bool = True, cache: int = 4):
+    `split="eval"` reads the held-out split instead (the shard stage's `eval_documents`).
+    """
+
+    def __init__(self, url: str, shards: list[int] | None = None, verify: bool = True, cache: int = 4,
+                 split: str = "train"):
         self.store = Store(url)
         manifest = self.store.read_json("manifest.json")
         if manifest is None or manifest.get("stage") != "shard":
             raise BertpipeError(f"no shard manifest in {url} (run `bertpipe shard` first)")
         self.manifest = manifest
-        listed = manifest["shards"]
+        if split == "eval" and "eval" not in manifest:
+            raise BertpipeError(f"shards in {url} have no held-out split: rebuild them with eval_documents set "
+                                "(`bertpipe shard ... eval_documents=0.01`)")
+        listed = manifest["shards"] if split == "train" else manifest["eval"]["shards"]
         picked = range(len(listed)) if shards is None else shards
         self.shards = [listed[i] for i in picked]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
