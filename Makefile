@@ -10,7 +10,8 @@ export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
+.PHONY: setup test test-fast lint demo vocab shards pretrain finetune baselines leaderboard pipeline bench bench-gpu \
+	clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -127,6 +128,9 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
 	$(BIN)/python bench/model_gpu.py
+
+bench-gpu: $(STAMP)  ## on one GPU: the model beside transformers and the pretrain loop under ZeRO-1/2 (< 6 min, offline)
+	$(BIN)/python bench/gpu.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)
