@@ -359,11 +359,13 @@ def pretrain(cfg: PretrainConfig) -> int:
     preempted = False
     if prober and cfg.probe.mode == "inline" and step and prober.pending(step):  # stopped during a probe: again
         prober(step, _compute(totals, flops_per_token, dist))
+
     def logs_at(s: int) -> bool:
-        """Whether step `s` writes a metrics line: every log_every, and at evaluations and probes, so that
-        their compute totals are current (the gradient norm is computed only for these steps)."""
+        """Whether step `s` writes a metrics line: every log_every, and at evaluations, probes and checkpoints,
+        so that their compute totals are current (the gradient norm is computed only for these steps)."""
         return (s % cfg.track.log_every == 0 or s == cfg.max_steps or bool(prober and s % cfg.probe.every == 0)
-                or bool(held_out and s % cfg.eval_every == 0))
+                or bool(held_out and s % cfg.eval_every == 0) or bool(cfg.checkpoint_every and
+                                                                     s % cfg.checkpoint_every == 0))
 
     try:
         while step < cfg.max_steps:
@@ -410,7 +412,7 @@ def pretrain(cfg: PretrainConfig) -> int:
             last = step == cfg.max_steps or out_of_time
             probe_now = prober is not None and (step % cfg.probe.every == 0 or last)
             eval_now = held_out is not None and (step % cfg.eval_every == 0 or last)
-            if logs_at(step) or last:
+            if logs_at(step) or last or signalled:
                 record = _train_record(window, engine, dist, flops_per_token, peak, grad_norm, lr, cfg.model.nsp)
                 totals["tokens"] += record.pop("window_tokens")
                 totals["positions"] += record.pop("window_positions")

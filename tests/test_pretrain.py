@@ -303,3 +303,18 @@ def test_a_non_finite_loss_stops_the_run_naming_step_batch_and_checkpoint(wiki_s
     assert re.search(micro_batch, errors[0]), errors[0]
     assert errors[0].endswith(f"last good checkpoint: step-{step - 1:08d}"), errors[0]
     assert not (run_dir / "export").exists()  # no export of a broken model
+
+
+@pytest.mark.slow
+def test_zero0_bf16_exports_the_fp32_master_weights(wiki_shards, wiki_vocab, tmp_path):
+    """ZeRO stage 0 under bf16/fp16 (NVIDIA's LAMB recipes): zero_to_fp32 has nothing to read, the masters are
+    the optimizer's; the export holds them, not the bf16 copies the model computes with."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "bf16"
+    proc = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=2", "zero_stage=0", "precision=bf16",
+                       "track.wandb=disabled"))
+    assert proc.returncode == 0, why(proc)
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    query = weights["bert.encoder.layer.0.attention.self.query.weight"]
+    assert query.dtype == torch.float32 and (query - query.bfloat16().float()).abs().max() > 0
