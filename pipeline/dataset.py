@@ -204,6 +204,7 @@ class PretrainingLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
+                            pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.served[int(batch["stream"])] = int(batch["batch_index"]) + 1

@@ -478,10 +478,11 @@ def _user_optimizer(cfg: PretrainConfig) -> bool:
 
 
 def _to_device(device: torch.device):
-    """A collated batch's model inputs on the device: pinned and asynchronous on a GPU."""
+    """A collated batch's model inputs on the device: asynchronous copies on a GPU (the loader pins them)."""
     if device.type != "cuda":
         return lambda batch: {k: batch[k].to(device) for k in MODEL_INPUTS}
-    return lambda batch: {k: batch[k].pin_memory().to(device, non_blocking=True) for k in MODEL_INPUTS}
+    return lambda batch: {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+                          for k, v in ((k, batch[k]) for k in MODEL_INPUTS)}
 
 
 def _agree(loss: torch.Tensor, signalled: bool, seconds: float, device: torch.device) -> tuple[bool, bool, float]:
