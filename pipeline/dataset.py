@@ -31,15 +31,22 @@ log = logging.getLogger(__name__)
 
 
 class ShardSet:
-    """The shards of a shard directory (or a subset of them), checked against the manifest, read lazily."""
+    """The shards of a shard directory (or a subset of them), checked against the manifest, read lazily.
 
-    def __init__(self, url: str, shards: list[int] | None = None, verify: bool = True, cache: int = 4):
+    `split="eval"` reads the held-out split instead (the shard stage's `eval_documents`).
+    """
+
+    def __init__(self, url: str, shards: list[int] | None = None, verify: bool = True, cache: int = 4,
+                 split: str = "train"):
         self.store = Store(url)
         manifest = self.store.read_json("manifest.json")
         if manifest is None or manifest.get("stage") != "shard":
             raise BertpipeError(f"no shard manifest in {url} (run `bertpipe shard` first)")
         self.manifest = manifest
-        listed = manifest["shards"]
+        if split == "eval" and "eval" not in manifest:
+            raise BertpipeError(f"shards in {url} have no held-out split: rebuild them with eval_documents set "
+                                "(`bertpipe shard ... eval_documents=0.01`)")
+        listed = manifest["shards"] if split == "train" else manifest["eval"]["shards"]
         picked = range(len(listed)) if shards is None else shards
         self.shards = [listed[i] for i in picked]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
@@ -222,6 +229,7 @@ class PretrainingLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
+                            pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.served[int(batch["stream"])] = int(batch["batch_index"]) + 1

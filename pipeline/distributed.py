@@ -90,6 +90,14 @@ def all_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum of each value over ranks (one small all-reduce, in float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank: how ranks agree to stop together."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

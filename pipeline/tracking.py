@@ -67,15 +67,19 @@ class Tracker:
             except Exception as err:  # tracking must never stop a training run: metrics.jsonl still has it all
                 log.warning("W&B did not start (%s: %s); metrics go to %s only", type(err).__name__, err, self.path)
 
-    def log(self, metrics: dict, step: int, event: str = "train") -> None:
+    def log(self, metrics: dict, step: int, event: str = "train", wandb_prefix: str | None = None,
+            wandb_step: int | None = None) -> None:
+        """One line `{"event", "step", "time", **metrics}`; W&B gets the numbers as `<prefix or event>/<key>`
+        at `wandb_step` (default `step`; W&B's steps only grow, so a late result is logged at the current one)."""
         if not self.enabled:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **metrics}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.run is not None:
-            numeric = {f"{event}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-            self.run.log(numeric, step=step)
+            prefix = wandb_prefix or event
+            numeric = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+            self.run.log(numeric, step=step if wandb_step is None else wandb_step)
 
     def close(self) -> None:
         if self.run is not None:

@@ -85,12 +85,15 @@ def wiki_vocab(wiki_files, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def wiki_shards(wiki_files, wiki_vocab, tmp_path_factory) -> Path:
-    """Seq-128 shards of 10 Wikipedia files (about 21k instances)."""
+    """Seq-128 shards of 10 Wikipedia files (about 21k instances), 12 of their documents held out."""
     from pipeline.shard import build_shards
 
     out = tmp_path_factory.mktemp("shards") / "wiki128"
-    build_shards(shard_config(wiki_files[20:30], wiki_vocab, str(out), "rows_per_shard=4096"))
+    build_shards(shard_config(wiki_files[20:30], wiki_vocab, str(out), *WIKI_SHARDS))
     return out
+
+
+WIKI_SHARDS = ("rows_per_shard=4096", "eval_documents=12")  # the wiki_shards fixture's settings
 
 
 @pytest.fixture(scope="session")
