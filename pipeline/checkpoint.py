@@ -11,6 +11,12 @@ On another number of ranks, optimizer state that ZeRO-1/2/3 partitioned by rank 
 resharded by DeepSpeed's universal checkpoint: rank 0 converts the checkpoint once with `ds_to_universal` into
 `checkpoints/universal/<tag>/` (built under a temporary name and renamed) and every rank loads it with
 `load_universal`. Unpartitioned state (ZeRO-0, fp32 or bf16) loads as it is.
+
+Nothing in a checkpoint is ever unpickled beyond tensors and plain data: whoever can write the checkpoint can
+rewrite its sha256 list too, so the hashes catch damage, not tampering. Every load goes through
+`weights_only()`: torch's weights-only unpickler, forced even where DeepSpeed asks for `weights_only=False`,
+with exactly the few DeepSpeed classes its checkpoints hold allowed. Before loading, `check()` also reads every
+file's pickle opcodes (without running them) and refuses any other class, so all ranks refuse together.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +42,79 @@ from pipeline.distributed import barrier, from_rank0
 from pipeline.errors import BertpipeError
 
 log = logging.getLogger(__name__)
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch honours it even over an explicit weights_only=False
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles beside tensors and plain containers: plain records of numbers, found by
+    loading its checkpoints of ZeRO stages 0-3 in fp32 and bf16 (fp16 adds the dynamic loss scaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only() -> Iterator[None]:
+    """Every torch.load inside is weights-only, whatever its caller passes, with DeepSpeed's few classes
+    allowed: the one place through which every checkpoint load goes."""
+    saved = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = saved
+
+
+def refused(path: Path | str, err: Exception) -> BertpipeError:
+    """The one line for a checkpoint file the weights-only unpickler would not load."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    what = f"a pickled {found.group(1)}" if found else "pickled objects"
+    return BertpipeError(f"refusing to load {path}: it holds {what}, not only tensors and plain data "
+                         "(checkpoints are loaded weights-only, since unpickling anything else can run code)")
+
+
+def load_file(path: Path | str, map_location="cpu"):
+    """torch.load of one checkpoint file, weights-only; a file it refuses or cannot read is one line."""
+    with weights_only():
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise refused(path, err) from None
+        except (OSError, RuntimeError, EOFError, ValueError) as err:
+            raise BertpipeError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def scan(path: Path) -> None:
+    """Refuse a checkpoint file whose pickle names any class the weights-only unpickler would not load (read
+    from its opcodes: nothing runs), so every rank can refuse before any of them loads it."""
+    if not zipfile.is_zipfile(path):  # torch's legacy format: left to the weights-only load itself
+        return
+    with weights_only():
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as err:  # a damaged archive
+            raise BertpipeError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if unsafe:
+        raise refused(path, ValueError(f"GLOBAL {unsafe[0]}"))
+
+
+def _weights_only_engine(engine) -> None:
+    """Make DeepSpeed's checkpoint engine load weights-only (its TorchCheckpointEngine passes weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_file(path, map_location)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
 
 
 def _digest(path: Path) -> str:
@@ -100,6 +183,8 @@ class CheckpointManager:
                                     f"is missing or not {info['bytes']} bytes")
             if self.rank == 0 and _digest(path) != info["sha256"]:
                 raise BertpipeError(f"checkpoint {directory} is corrupt: {name} does not match its sha256")
+            if self.rank == 0 and path.suffix == ".pt":
+                scan(path)
         if meta["zero_stage"] != zero_stage:
             raise BertpipeError(f"checkpoint {tag} was written with ZeRO stage {meta['zero_stage']}, "
                                 f"this run asks for stage {zero_stage}")
@@ -127,7 +212,7 @@ class CheckpointManager:
                                       strict=True, inject_missing_state=True)  # ZeRO-1/2 lack the version tag
             printed = io.StringIO()
             try:
-                with contextlib.redirect_stdout(printed):
+                with contextlib.redirect_stdout(printed), weights_only():
                     ds_to_universal.main(args)
                 (partial.parent / "latest_universal").unlink(missing_ok=True)  # we load by tag
                 os.replace(partial, out)
@@ -150,8 +235,14 @@ class CheckpointManager:
         source = self.universal(tag).parent if universal else self.root
         groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
         own = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        _weights_only_engine(engine)
         try:
-            path, client = engine.load_checkpoint(str(source), tag=tag)
+            with weights_only():
+                path, client = engine.load_checkpoint(str(source), tag=tag)
+        except BertpipeError:
+            raise
+        except pickle.UnpicklingError as err:
+            raise refused(self.root / tag, err) from None
         except Exception as err:  # DeepSpeed raises many kinds on a damaged file
             raise BertpipeError(f"cannot load checkpoint {self.root / tag}: {type(err).__name__}: {err}") from None
         if path is None:
@@ -170,8 +261,6 @@ class CheckpointManager:
         # the loader's position is global: every rank wrote the same; a rank new to the run reads rank 0's
         rank = self.rank if self.rank < meta["world_size"] else 0
         rank_file = self.root / tag / f"rank-{rank:05d}.pt"
-        try:
-            state = torch.load(rank_file, weights_only=True)
-        except Exception as err:
-            raise BertpipeError(f"cannot load {rank_file}: {type(err).__name__}: {err}") from None
+        state = load_file(rank_file)
         return {**state, "step": client["step"]}
+

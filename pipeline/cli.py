@@ -26,10 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("build a WordPiece vocabulary from a corpus", "pipeline.cli:vocab_command"),
     "shard": ("sentence-split, tokenize and write NSP/MLM-ready Parquet shards", "pipeline.cli:shard_command"),
     "pretrain": ("pretrain BERT (MLM + NSP) under DeepSpeed", "pipeline.cli:pretrain_command"),
-    "plot": ("draw a run's loss and throughput curves to PNG", "pipeline.cli:plot_command"),
+    "plot": ("draw a run's loss, throughput and probe curves to PNG", "pipeline.cli:plot_command"),
+    "probe": ("fine-tune a pretraining run's probe export on its probe tasks (a time-to-accuracy point)",
+              "pipeline.probe:probe_command"),
     "finetune": ("fine-tune on SST-2, Rotten Tomatoes, CoNLL-2003 NER or UD POS (Lightning)",
                  "recipes.base:finetune_command"),
     "predict": ("label texts with a finished finetune run", "recipes.predict:predict_command"),
+    "serve": ("serve a finished finetune run over HTTP, with dynamic batching and a page to try it",
+              "recipes.serve.server:serve_command"),
     "generate": ("write sentences with a label-conditioned RNN language model run", "recipes.rnn:generate_command"),
     "translate": ("translate sentences with a finished seq2seq run (beam search or greedy)",
                   "recipes.seq2seq:translate_command"),
@@ -124,7 +128,8 @@ def plot_command(argv: list[str]) -> int:
     from pipeline.plot import plot_run
 
     parser = argparse.ArgumentParser(prog="bertpipe plot", description="Draw loss and throughput curves of a "
-                                     "pretraining run (its metrics.jsonl) to RUN_DIR/plots/*.png.")
+                                     "pretraining run (its metrics.jsonl), and its probe curve (probe accuracy "
+                                     "against compute) when it ran probes, to RUN_DIR/plots/*.png.")
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     setup_logging()
@@ -176,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _resolve(COMMANDS[name][1])(rest)
     except BertpipeError as err:
-        print(f"bertpipe {name}: error: {err}", file=sys.stderr)
+        every_rank = getattr(err, "every_rank", False)  # raised alike on every rank: rank 0 alone says it
+        if not every_rank or int(os.environ.get("RANK", "0")) == 0:
+            print(f"bertpipe {name}: error: {err}", file=sys.stderr)
+        if every_rank:
+            from pipeline.distributed import exit_together
+
+            exit_together(err.exit_code)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"bertpipe {name}: interrupted", file=sys.stderr)

@@ -21,9 +21,16 @@ T = TypeVar("T")
 
 def _overrides_to_dotlist(overrides: list[str]) -> list[str]:
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:  # the value is read as YAML: brackets or braces inside it (a glob like wiki_0[0-9]) can break that
+            yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); quote strings that "
+                              "hold brackets, braces, ':' or ',', e.g. corpus.inputs=\"[{path: '/data/wiki_0[0-9]'}]\"",
+                              ) from None
     return list(overrides)
 
 

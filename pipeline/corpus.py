@@ -1,5 +1,6 @@
-"""Corpus readers: WikiExtractor and JSON-lines Wikipedia, Gutenberg-style books, plain text, and the
-documentation every Python ships (the embedded default).
+"""Corpus readers: WikiExtractor and JSON-lines Wikipedia, Gutenberg-style books, plain text, HF `datasets`
+(a `save_to_disk` directory, or Arrow/Parquet files), and the documentation every Python ships (the embedded
+default).
 
 Any fsspec path or glob works (local, `memory://`, `s3://`, `gs://`), compressed files are read through
 fsspec's codecs by their suffix, and everything is streamed a chunk at a time in a fixed order: sorted
@@ -24,9 +25,15 @@ from pipeline.errors import BertpipeError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "wikiextractor", "jsonl", "book", "plain", "pydoc")
+FORMATS = ("auto", "wikiextractor", "jsonl", "book", "plain", "pydoc", "hf")
+HF_SUFFIXES = (".arrow", ".parquet")  # the files of an HF dataset: save_to_disk writes Arrow, to_parquet Parquet
+HF_BATCH = 1000  # rows per batch streamed from a dataset file
 PYDOC = "pydoc"  # the path (and format) of the embedded corpus: Python's own documentation
 _CHUNK = 1 << 20
+# characters: a paragraph this long is no paragraph (the longest in the Wikipedia sample has 6,251): likely a
+# file whose line breaks were lost, which starves the vocabulary and yields almost no pretraining instances
+LONG_PARAGRAPH = 100_000
+_warned: set[str] = set()  # files already warned about, in this process
 _DOC_OPEN = re.compile(r'^<doc id="([^"]*)" url="([^"]*)" title="([^"]*)">\s*$')
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG", re.I)
 _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I)
@@ -35,7 +42,12 @@ _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End 
 @dataclass
 class CorpusInput:
     path: str = PYDOC  # fsspec path, glob or directory; `pydoc` is the embedded default
-    format: str = "auto"  # one of FORMATS; auto: .jsonl/.json -> jsonl, `<doc ` first -> wikiextractor, else plain
+    format: str = "auto"  # one of FORMATS; auto: .jsonl/.json -> jsonl, .arrow/.parquet or a saved dataset -> hf,
+    # `<doc ` first -> wikiextractor, else plain
+    text_column: str = "text"  # format hf: the column holding a document's text
+    id_column: str | None = None  # format hf: a column of document ids (default: <file name>:<row>)
+    title_column: str | None = None  # format hf: a column of titles (metadata, not part of the text)
+    split: str = "train"  # format hf: the split to read from a DatasetDict saved with save_to_disk
 
 
 @dataclass
@@ -66,6 +78,7 @@ class CorpusFile:
     path: str  # full fsspec URL, protocol included for non-local files
     format: str
     size: int
+    spec: CorpusInput | None = field(default=None, compare=False, hash=False, repr=False)  # columns (format hf)
 
 
 class CorpusError(BertpipeError):
@@ -86,20 +99,45 @@ def _resolve(spec: CorpusInput) -> list[CorpusFile]:
         fs, root = fsspec.core.url_to_fs(spec.path)
     except (ImportError, ValueError) as err:
         raise CorpusError(f"cannot open corpus path {spec.path}: {err}") from None
+    fmt = spec.format
     if fsspec.core.has_magic(root):
         paths = sorted(p for p in fs.glob(root) if fs.isfile(p))
         if not paths:
             raise CorpusError(f"corpus glob matches no files: {spec.path}")
     elif fs.isdir(root):
-        paths = sorted(p for p in fs.find(root) if not p.rsplit("/", 1)[-1].startswith("."))
+        saved = _saved_dataset_files(fs, root, spec) if fmt in ("auto", "hf") else None
+        if saved is not None:
+            paths, fmt = saved, "hf"
+        else:
+            paths = sorted(p for p in fs.find(root) if not p.rsplit("/", 1)[-1].startswith("."))
+            if fmt == "hf":
+                paths = [p for p in paths if p.endswith(HF_SUFFIXES)]
         if not paths:
-            raise CorpusError(f"corpus directory is empty: {spec.path}")
+            raise CorpusError(f"corpus directory is empty: {spec.path}" if fmt != "hf" else
+                              f"no .arrow or .parquet files (nor a dataset saved with save_to_disk) in {spec.path}")
     elif fs.isfile(root):
         paths = [root]
     else:
         raise CorpusError(f"corpus path does not exist: {spec.path}")
     local = isinstance(fs, LocalFileSystem)
-    return [CorpusFile(p if local else fs.unstrip_protocol(p), spec.format, int(fs.size(p) or 0)) for p in paths]
+    return [CorpusFile(p if local else fs.unstrip_protocol(p),
+                       "hf" if fmt == "auto" and p.endswith(HF_SUFFIXES) else fmt, int(fs.size(p) or 0), spec)
+            for p in paths]
+
+
+def _saved_dataset_files(fs, root: str, spec: CorpusInput) -> list[str] | None:
+    """The Arrow files of a directory written by `Dataset.save_to_disk` (or a DatasetDict's `spec.split`), in
+    their order; None when the directory is not a saved dataset."""
+    if fs.isfile(f"{root}/dataset_dict.json"):
+        splits = json.loads(fs.cat_file(f"{root}/dataset_dict.json")).get("splits", [])
+        if spec.split not in splits:
+            raise CorpusError(f"{spec.path}: a DatasetDict without the split {spec.split!r} (it has "
+                              f"{', '.join(splits) or 'none'}; set the input's split)")
+        root = f"{root}/{spec.split}"
+    if not fs.isfile(f"{root}/state.json"):
+        return None
+    state = json.loads(fs.cat_file(f"{root}/state.json"))
+    return [f"{root}/{f['filename']}" for f in state.get("_data_files", [])]
 
 
 class Corpus:
@@ -122,6 +160,7 @@ class Corpus:
         for f in self.files():
             for doc in self.read_file(f):
                 self.documents_read += 1
+                _warn_long(doc)
                 yield doc
         if self.documents_read == 0:
             raise CorpusError(f"corpus is empty: {len(self.files())} file(s) and no text in them")
@@ -131,6 +170,9 @@ class Corpus:
     def read_file(self, f: CorpusFile) -> Iterator[Document]:
         if f.format == PYDOC:
             yield from _read_pydoc()
+            return
+        if f.format == "hf":
+            yield from _read_hf(f)
             return
         lines = self._lines(f.path)
         fmt = f.format
@@ -198,6 +240,18 @@ class Corpus:
             text = raw.decode("utf-8", "replace")
             self.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
         return text.rstrip("\r")
+
+
+def _warn_long(doc: Document) -> None:
+    """Warn, once per file, about a document holding a paragraph far beyond any real one."""
+    if len(doc.text) <= LONG_PARAGRAPH or doc.source in _warned:
+        return
+    longest = max(map(len, doc.text.split("\n")))
+    if longest > LONG_PARAGRAPH:
+        _warned.add(doc.source)
+        log.warning("%s: document %s holds a paragraph of %s characters without a line break, far beyond any real "
+                    "paragraph (were the file's line breaks lost?); text like it gives a poor vocabulary and almost "
+                    "no pretraining instances", doc.source, doc.id, f"{longest:,}")
 
 
 def _sniff(path: str, lines: Iterator[str]) -> tuple[str, Iterator[str]]:
@@ -290,6 +344,37 @@ def _read_book(path: str, lines: Iterator[str]) -> Iterator[Document]:
     if text:
         stem = path.rsplit("/", 1)[-1]
         yield Document(stem.split(".")[0], path, stem, text)
+
+
+def _read_hf(f: CorpusFile) -> Iterator[Document]:
+    """One Arrow or Parquet file of an HF dataset, streamed by `datasets` a batch at a time (never loaded whole):
+    the text column's paragraphs (its lines, stripped; empty ones dropped), ids and titles from their columns."""
+    import datasets
+
+    spec = f.spec or CorpusInput(f.path, "hf")
+    kind = "parquet" if f.path.endswith(".parquet") else "arrow"
+    try:
+        ds = datasets.load_dataset(kind, data_files=[f.path], split="train", streaming=True)
+        columns = ds.column_names or list(ds.features or {})
+    except Exception as err:  # datasets and pyarrow raise many kinds on a file that is not what it claims
+        raise CorpusError(f"cannot read {f.path} as an HF dataset ({kind}): {str(err).splitlines()[0]}") from None
+    wanted = [c for c in (spec.text_column, spec.id_column, spec.title_column) if c]
+    absent = [c for c in wanted if c not in columns]
+    if absent:
+        raise CorpusError(f"{f.path}: no column {', '.join(map(repr, absent))} (it has {', '.join(columns)}; set "
+                          "the input's text_column, id_column, title_column)")
+    stem = f.path.rsplit("/", 1)[-1]
+    row = 0
+    for batch in ds.select_columns(list(dict.fromkeys(wanted))).iter(batch_size=HF_BATCH):
+        texts = batch[spec.text_column]
+        ids = batch[spec.id_column] if spec.id_column else None
+        titles = batch[spec.title_column] if spec.title_column else None
+        for i, raw in enumerate(texts):
+            text = "\n".join(p for p in (s.strip() for s in str(raw or "").split("\n")) if p)
+            if text:
+                doc_id = str(ids[i]) if ids is not None else f"{stem}:{row + i}"
+                yield Document(doc_id, f.path, str(titles[i] or "") if titles is not None else "", text)
+        row += len(texts)
 
 
 def _read_pydoc() -> Iterator[Document]:

@@ -16,7 +16,7 @@ import hashlib
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,15 +36,22 @@ MASKING, DROPOUT = 1, 2  # what a key is drawn for
 
 
 class ShardSet:
-    """The shards of a shard directory (or a subset of them), checked against the manifest, read lazily."""
+    """The shards of a shard directory (or a subset of them), checked against the manifest, read lazily.
 
-    def __init__(self, url: str, shards: list[int] | None = None, verify: bool = True, cache: int = 4):
+    `split="eval"` reads the held-out split instead (the shard stage's `eval_documents`).
+    """
+
+    def __init__(self, url: str, shards: list[int] | None = None, verify: bool = True, cache: int = 4,
+                 split: str = "train"):
         self.store = Store(url)
         manifest = self.store.read_json("manifest.json")
         if manifest is None or manifest.get("stage") != "shard":
             raise BertpipeError(f"no shard manifest in {url} (run `bertpipe shard` first)")
         self.manifest = manifest
-        listed = manifest["shards"]
+        if split == "eval" and "eval" not in manifest:
+            raise BertpipeError(f"shards in {url} have no held-out split: rebuild them with eval_documents set "
+                                "(`bertpipe shard ... eval_documents=0.01`)")
+        listed = manifest["shards"] if split == "train" else manifest["eval"]["shards"]
         picked = range(len(listed)) if shards is None else shards
         self.shards = [listed[i] for i in picked]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
@@ -65,6 +72,31 @@ class ShardSet:
                 f"shards in {self.store.url} were built with another vocabulary "
                 f"(vocab.txt sha256 {self.manifest['vocab_sha256'][:12]}, {vocab_dir} has {have[:12]})"
             )
+
+    def check_files(self, picked: Iterable[int]) -> None:
+        """Check shards (indices into this set) against the manifest, size first, then sha256: a missing,
+        truncated or damaged shard stops the run naming it before training reads a row of it."""
+        for i in picked:
+            info = self.shards[i]
+            name, path = info["name"], self.store.path(info["name"])
+            try:
+                size = self.store.fs.size(path)
+                if size != info["bytes"]:
+                    raise BertpipeError(f"shard {name} in {self.store.url} is truncated or overwritten: {size:,} "
+                                        f"bytes, the manifest says {info['bytes']:,}; rebuild the shards "
+                                        "(bertpipe shard --force)")
+                digest = hashlib.sha256()
+                with self.store.fs.open(path, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+            except FileNotFoundError:
+                raise BertpipeError(f"shard {name} in {self.store.url} is missing (the manifest lists it); "
+                                    "rebuild the shards (bertpipe shard --force)") from None
+            except OSError as err:
+                raise BertpipeError(f"cannot read shard {name} in {self.store.url}: {err}") from None
+            if digest.hexdigest() != info["sha256"]:
+                raise BertpipeError(f"shard {name} in {self.store.url} is corrupt (its sha256 differs from the "
+                                    "manifest's); rebuild the shards (bertpipe shard --force)")
 
     def locate(self, row: int) -> tuple[str, int]:
         """(shard name, row within it) of a global row index: where a bad batch came from."""
@@ -273,6 +305,7 @@ class PretrainingLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
+                            pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.consumed += 1

@@ -10,12 +10,21 @@ the CPU (GLOO_SOCKET_IFNAME picks its interface where the hostname does not reso
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import BertpipeError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,14 @@ def all_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum of each value over ranks (one small all-reduce, in float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank: how ranks agree to stop together."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -122,3 +139,62 @@ def from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agree(fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank; if it raises BertpipeError on any rank, every rank raises the error of the lowest
+    such rank, marked `every_rank` so that only rank 0 prints it. Every rank must call this at the same point."""
+    error: BertpipeError | None = None
+    result = None
+    try:
+        result = fn()
+    except BertpipeError as err:
+        error = err
+    found = (str(error), error.exit_code) if error is not None else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, found)
+        found = next((e for e in everyone if e is not None), None)
+    if found is not None:
+        agreed = BertpipeError(found[0])
+        agreed.exit_code = found[1]
+        agreed.every_rank = True
+        raise agreed
+    return result  # type: ignore[return-value]
+
+
+def _torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that launched this process, if it did."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    import psutil
+
+    parent = os.getppid()
+    try:
+        cmdline = " ".join(psutil.Process(parent).cmdline()[:3])
+    except psutil.Error:
+        return None
+    return parent if any(name in cmdline for name in ("torchrun", "torch.distributed.run")) else None
+
+
+def exit_together(code: int) -> None:
+    """End every rank after an error they all agreed on (`agree`), once rank 0 has printed it.
+
+    torchrun's agent answers any worker that exits non-zero with its own ChildFailedError traceback, so under
+    torchrun each node's local rank 0 ends the agent first (SIGKILL, which leaves nothing on stderr; the
+    command's exit status is then 137) and every rank exits without the process group's teardown messages.
+    Elsewhere (one process, srun, the deepspeed launcher) ranks simply return `code`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if multi:
+        dist.barrier()  # rank 0 has printed the line
+    agent = _torchrun_agent()
+    if agent is None:
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        os.kill(agent, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.getppid() == agent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os._exit(code)

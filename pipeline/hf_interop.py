@@ -5,16 +5,22 @@ config beside them. A bertpipe checkpoint is `model.safetensors` + `model_config
 `BertConfig`, also kept in the safetensors metadata so a lone file describes itself); an HF directory is
 `model.safetensors` + `config.json` (+ tokenizer files). Nothing is ever unpickled beyond tensors:
 `pytorch_model.bin` files go through `torch.load(weights_only=True)`.
+
+A pretraining run directory is read from its latest DeepSpeed checkpoint: the fp32 master weights, whichever
+ZeRO stage and precision wrote them (`consolidated_state`), and the architecture from the run's
+`model_config.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import pickle
 import shutil
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +28,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import atomic_dir, write_json
+from pipeline.artifacts import atomic_dir, claim_output, write_json
+from pipeline.checkpoint import refused, scan, weights_only
 from pipeline.errors import BertpipeError
 from pipeline.model import BertConfig, BertForPreTraining
+from pipeline.vocab import verify_vocab
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,9 @@ TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weigh
         "cls.predictions.decoder.bias": "cls.predictions.bias"}
 # Parts a checkpoint may lack (BertModel has no heads, BertForMaskedLM no pooler or NSP head): initialized.
 OPTIONAL_PREFIXES = ("bert.pooler.", "cls.")
+# The model-states file DeepSpeed writes per checkpoint: ZeRO 0-2 (whole module), ZeRO-3 (rank 0's partition)
+DS_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+COMPILED_PREFIX = "_orig_mod."  # what a torch.compile wrapper adds to every parameter name
 HF_ONLY_FIELDS = {"model_type": "bert", "architectures": ["BertForPreTraining"], "hidden_act": "gelu",
                   "tie_word_embeddings": True}
 
@@ -80,6 +91,12 @@ def read_config(path: str | Path) -> BertConfig:
     """The architecture of a checkpoint: from the safetensors metadata bertpipe writes, else model_config.json,
     else an HF config.json beside the weights."""
     path = _resolve(path)
+    if is_deepspeed_checkpoint(path):
+        run_config = path.parent.parent / MODEL_CONFIG  # RUN_DIR/checkpoints/step-N -> RUN_DIR/model_config.json
+        if not run_config.is_file():
+            raise BertpipeError(f"{path}: a DeepSpeed checkpoint without {run_config} beside its run; cannot tell "
+                                "the model's size")
+        return _make_config(_read_json(run_config), run_config)
     weights = path if path.is_file() else path / WEIGHTS
     if weights.suffix == ".safetensors" and weights.is_file():
         try:
@@ -130,6 +147,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = _resolve(path)
     if path.is_file():
         return _load_file(path)
+    if is_deepspeed_checkpoint(path):
+        return consolidated_state(path.parent, path.name)
     if (path / WEIGHTS).is_file():
         return _load_file(path / WEIGHTS)
     if (path / f"{WEIGHTS}.index.json").is_file():
@@ -142,6 +161,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys as BertForPreTraining names them, whatever BERT class or vintage wrote the file."""
+    state = {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}  # saved from a torch.compile wrapper
     if not any(k.startswith(("bert.", "cls.")) for k in state):  # BertModel.save_pretrained: no prefix
         state = {f"bert.{k}": v for k, v in state.items()}
     out = {}
@@ -212,6 +232,93 @@ def load_hf(path: str | Path) -> tuple[BertForPreTraining, LoadReport]:
     return model, report
 
 
+# ---- DeepSpeed checkpoints -------------------------------------------------------------------------------
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in DS_MODEL_STATES)
+
+
+@contextmanager
+def _cpu_accelerator():
+    """Reading checkpoint files needs no device (nor DeepSpeed's notice on stdout that it found none)."""
+    unset = "DS_ACCELERATOR" not in os.environ
+    if unset:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        yield
+    finally:
+        if unset:
+            del os.environ["DS_ACCELERATOR"]
+
+
+def consolidated_state(root: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of DeepSpeed checkpoint `root/tag`, under HF's names (tied copies included).
+
+    ZeRO 1-3: DeepSpeed's zero_to_fp32 gathers the fp32 partitions of every rank. ZeRO 0: the module as saved
+    in fp32, or, under bf16/fp16 (where the saved module is in half precision), the optimizer's fp32 master
+    copies, which follow the order of `BertForPreTraining.param_groups` (matrices first, then 1-D tensors).
+    """
+    directory = Path(root) / tag
+    first = next((directory / n for n in DS_MODEL_STATES if (directory / n).is_file()), None)
+    if first is None:
+        raise BertpipeError(f"{directory}: not a DeepSpeed checkpoint (no {' or '.join(DS_MODEL_STATES)})")
+    for path in sorted(directory.glob("*.pt")):  # refused before anything is unpickled, on every rank alike
+        scan(path)
+    try:
+        with _cpu_accelerator(), weights_only():
+            states = torch.load(first, map_location="cpu", weights_only=True)
+            stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+            if stage > 0:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                with redirect_stdout(io.StringIO()):  # it prints its progress: keep stdout for results
+                    state = dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+            else:
+                state = _zero0_fp32(states, directory)
+    except BertpipeError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise refused(directory, err) from None
+    except Exception as err:  # a damaged or foreign file: DeepSpeed and torch raise many kinds
+        raise BertpipeError(f"cannot read DeepSpeed checkpoint {directory}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    state = _hf_names({k: v.float() for k, v in state.items()})
+    for alias, source in TIED.items():
+        if source in state:
+            state[alias] = state[source]
+    return state
+
+
+def _zero0_fp32(states: dict, directory: Path) -> dict[str, torch.Tensor]:
+    """ZeRO 0: the saved module under fp32; under bf16/fp16 the optimizer's fp32 copies, per parameter group
+    (`fp32_groups`, DeepSpeed's unfused optimizer, as on the CPU) or one flat tensor per group
+    (`fp32_groups_flat`, its fused one, as with FusedAdam on GPUs)."""
+    module = states["module"]
+    optimizer = states.get("optimizer") or {}
+    if "fp32_groups" not in optimizer and "fp32_groups_flat" not in optimizer:  # fp32: the module is the master
+        return dict(module)
+    buffers = set(states.get("buffer_names") or [])
+    names = [k for k in module if k not in TIED and k not in buffers]
+    groups = [[k for k in names if module[k].dim() >= 2], [k for k in names if module[k].dim() < 2]]
+    masters: dict[str, torch.Tensor] = {}
+    if "fp32_groups" in optimizer:
+        saved = optimizer["fp32_groups"]
+        if [len(g) for g in saved] != [len(g) for g in groups]:
+            raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
+        for keys, tensors in zip(groups, saved, strict=True):
+            masters.update(zip(keys, tensors, strict=True))
+    else:
+        for keys, flat in zip(groups, optimizer["fp32_groups_flat"], strict=True):
+            sizes = [module[k].numel() for k in keys]
+            if sum(sizes) > flat.numel():
+                raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
+            masters.update(zip(keys, flat[: sum(sizes)].split(sizes), strict=True))
+    if any(masters[k].numel() != module[k].numel() for k in masters):
+        raise BertpipeError(f"{directory}: the optimizer's fp32 copies do not match the module's parameters")
+    return dict(module) | {k: v.reshape(module[k].shape) for k, v in masters.items()}
+
+
 # ---- writing ---------------------------------------------------------------------------------------------
 
 
@@ -239,6 +346,7 @@ def _vocab_size(vocab_dir: Path) -> int:
     vocab = vocab_dir / "vocab.txt"
     if not vocab.is_file():
         raise BertpipeError(f"{vocab_dir}: no vocab.txt (run `bertpipe vocab` first)")
+    verify_vocab(vocab_dir)
     return len(vocab.read_text(encoding="utf-8").splitlines())
 
 
@@ -249,8 +357,10 @@ def export_hf(
 
     `source` is a model or a checkpoint path. With `vocab_dir`, its tokenizer files are copied so the
     directory also loads with `BertTokenizerFast`; its size must match the model's vocabulary. The directory
-    is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written.
+    is built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written; `out_dir`
+    may only be absent, empty or an earlier export (anything else is refused before any work).
     """
+    claim_output(out_dir, "export")
     model = source if isinstance(source, BertForPreTraining) else load_hf(source)[0]
     if vocab_dir is not None:
         vocab_dir = Path(vocab_dir)
@@ -258,7 +368,7 @@ def export_hf(
         if size != model.config.vocab_size:
             raise BertpipeError(f"{vocab_dir} has {size} tokens, the model's vocabulary {model.config.vocab_size}")
     tensors = _tensors(model)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export") as tmp:
         dtype = tensors["bert.embeddings.word_embeddings.weight"].dtype
         write_json(tmp / HF_CONFIG, hf_config(model.config, dtype))
         _save_weights(tensors, tmp / WEIGHTS, {})

@@ -29,6 +29,8 @@ def _model_name(model: dict | str) -> str:
     if isinstance(model, str):
         return model
     parts = [str(model.get(k)) for k in ("kind", "size") if model.get(k)]
+    if str(model.get("encoder", "")).startswith("random init"):  # beside its pretrained twin: say which is which
+        parts.append("(random init)")
     return " ".join(parts) or "?"
 
 

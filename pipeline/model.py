@@ -305,7 +305,10 @@ class BertForPreTraining(nn.Module):
 
         mlm_loss = nsp_loss = None
         if mlm_labels is not None:
-            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), mlm_labels.flatten(), ignore_index=-100)
+            # the mean over the labelled slots, 0 (not NaN) for a batch without any; no host sync either way
+            labels = mlm_labels.flatten()
+            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels, ignore_index=-100,
+                                       reduction="sum") / (labels != -100).sum().clamp(min=1)
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
         losses = [loss for loss in (mlm_loss, nsp_loss) if loss is not None]

@@ -91,7 +91,8 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a model.safetensors file, a directory holding one with model_config.json or "
                              "config.json, or a pretraining run directory (its latest checkpoint)")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="the HF directory to write (replaced if it exists)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the HF directory to write (an earlier bertpipe export "
+                        "there is replaced; anything else is refused)")
     parser.add_argument("--vocab", metavar="DIR", help="copy this vocab directory's tokenizer files alongside")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Loss and throughput curves of a run, drawn from its metrics.jsonl."""
+"""Loss, throughput and probe curves of a run, drawn from its metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pipeline.tracking import read_metrics  # noqa: E402
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write plots/loss.png (train and eval losses, accuracies) and plots/throughput.png; return their paths."""
+    """Write plots/loss.png (train and eval losses, accuracies), plots/throughput.png and, when the run ran
+    probes, plots/probe.png (probe accuracy against compute); return their paths."""
     records = read_metrics(run_dir)
     train = [r for r in records if r["event"] == "train"]
     evals = [r for r in records if r["event"] == "eval"]
@@ -51,4 +52,36 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     speed_png = out / "throughput.png"
     fig.savefig(speed_png, dpi=110)
     plt.close(fig)
-    return [loss_png, speed_png]
+    probes = [r for r in records if r["event"] == "probe"]
+    return [loss_png, speed_png] + ([plot_probes(probes, evals, out / "probe.png")] if probes else [])
+
+
+def plot_probes(probes: list[dict], evals: list[dict], path: Path) -> Path:
+    """Time to accuracy: each probe task's dev score against FLOPs (and device-hours), beside held-out MLM
+    accuracy against the same compute."""
+    fig, (ax_probe, ax_mlm) = plt.subplots(1, 2, figsize=(11, 4))
+    by_task: dict[str, list[dict]] = {}
+    for r in sorted(probes, key=lambda r: r["step"]):
+        by_task.setdefault(r["recipe"], []).append(r)
+    for name, rows in by_task.items():
+        ax_probe.plot([r["flops"] for r in rows], [r["value"] for r in rows], "o-", label=f"{name} {rows[0]['metric']}")
+        for r in rows:
+            ax_probe.annotate(f"{r['step']}", (r["flops"], r["value"]), textcoords="offset points", xytext=(0, 6),
+                              fontsize=7, ha="center")
+    ax_probe.set(xlabel="pretraining FLOPs", ylabel="probe dev score (fine-tuned briefly)",
+                 title="time to accuracy (labels: step)")
+    ax_probe.legend()
+    hours = [r for rows in by_task.values() for r in rows if r.get("device_hours")]
+    if hours:  # a second axis in device-hours, from the probes' own (flops, hours) pairs
+        per_hour = max(r["flops"] for r in hours) / max(r["device_hours"] for r in hours)
+        top = ax_probe.secondary_xaxis("top", functions=(lambda f: f / per_hour, lambda h: h * per_hour))
+        top.set_xlabel("device-hours")
+    evals = [r for r in evals if "flops" in r]
+    if evals:
+        ax_mlm.plot([r["flops"] for r in evals], [r["mlm_acc"] for r in evals], "o-", label="held-out MLM accuracy")
+        ax_mlm.legend()
+    ax_mlm.set(xlabel="pretraining FLOPs", ylabel="accuracy", title="held-out masked-token accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -42,6 +43,8 @@ class Store:
                 fh.write(data)
             self.fs.mv(tmp, self.path(rel))
         except OSError as err:
+            with contextlib.suppress(OSError):  # a full disk must not leave a half-written .tmp behind
+                self.fs.rm(tmp)
             raise BertpipeError(f"cannot write {self.url}/{rel}: {err.strerror or err}") from None
         return hashlib.sha256(data).hexdigest()
 
@@ -65,12 +68,3 @@ class Store:
     def remove(self, rel: str = "") -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel), recursive=True)
-
-    def move_to(self, other: Store) -> None:
-        """Replace `other` with this directory (the old one is moved aside first, then removed)."""
-        aside = Store(other.url + ".old")
-        aside.remove()
-        if other.exists():
-            self.fs.mv(other.root, aside.root, recursive=True)
-        self.fs.mv(self.root, other.root, recursive=True)
-        aside.remove()

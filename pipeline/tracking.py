@@ -67,20 +67,47 @@ class Tracker:
             except Exception as err:  # tracking must never stop a training run: metrics.jsonl still has it all
                 log.warning("W&B did not start (%s: %s); metrics go to %s only", type(err).__name__, err, self.path)
 
-    def log(self, metrics: dict, step: int, event: str = "train") -> None:
+    def log(self, metrics: dict, step: int, event: str = "train", wandb_prefix: str | None = None,
+            wandb_step: int | None = None) -> None:
+        """One line `{"event", "step", "time", **metrics}`; W&B gets the numbers as `<prefix or event>/<key>`
+        at `wandb_step` (default `step`; W&B's steps only grow, so a late result is logged at the current one)."""
         if not self.enabled:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **metrics}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.run is not None:
-            numeric = {f"{event}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-            self.run.log(numeric, step=step)
+            prefix = wandb_prefix or event
+            numeric = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+            self.run.log(numeric, step=step if wandb_step is None else wandb_step)
 
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def trim_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop the lines of metrics.jsonl after `step` (a resumed run logs those steps again; a fresh start, step
+    0, keeps none), and any line a kill cut short. Returns how many lines were dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += bool(line.strip())
+            continue
+        if step > 0 and record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

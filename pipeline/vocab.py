@@ -8,14 +8,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, library_versions, read_manifest, sha256_file, sha256_json, write_json
+from tokenizers import Tokenizer
+
+from pipeline.artifacts import (
+    atomic_dir,
+    claim_output,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    write_json,
+)
 from pipeline.config import to_dict
 from pipeline.corpus import Corpus, CorpusConfig
 from pipeline.errors import BertpipeError
 from pipeline.log import progress
-from tokenization import save_tokenizer, special_ids, train_wordpiece
+from tokenization import load_tokenizer, save_tokenizer, special_ids, train_wordpiece
 
 log = logging.getLogger(__name__)
+
+VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -33,8 +45,9 @@ class VocabConfig:
     def __post_init__(self) -> None:
         if self.vocab_size < 5 + self.num_unused + 1:
             raise ValueError(f"vocab_size {self.vocab_size} leaves no room for learned pieces")
-        if self.min_frequency < 1 or self.limit_alphabet < 1 or self.batch_size < 1 or self.num_unused < 0:
-            raise ValueError("min_frequency, limit_alphabet and batch_size must be positive, num_unused >= 0")
+        for key, low in (("min_frequency", 1), ("limit_alphabet", 1), ("batch_size", 1), ("num_unused", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be at least {low}, not {getattr(self, key)}")
 
     def settings(self) -> dict:
         """What determines the vocabulary, beside the corpus bytes (output_dir and batch_size do not)."""
@@ -59,12 +72,15 @@ def _batches(corpus: Corpus, size: int, counts: dict, desc: str) -> Iterator[lis
 
 
 def build_vocab(cfg: VocabConfig, force: bool = False) -> Path:
-    """Build the vocabulary into `cfg.output_dir`; a rerun with unchanged inputs and settings does nothing."""
+    """Build the vocabulary into `cfg.output_dir`; a rerun with unchanged inputs and settings does nothing.
+
+    `output_dir` may only be absent, empty or an earlier vocabulary (anything else stops the stage)."""
     out = Path(cfg.output_dir)
+    state = claim_output(out, "vocab")
     corpus = Corpus(cfg.corpus)
     inputs = corpus.fingerprint()
     key = sha256_json({"inputs": inputs, "settings": cfg.settings()})
-    previous = read_manifest(out)
+    previous = read_manifest(out) if state == "ours" else None
     if previous and previous.get("key") == key and not force:
         log.info("vocabulary in %s is up to date (inputs and settings unchanged); --force rebuilds", out)
         return out
@@ -72,18 +88,23 @@ def build_vocab(cfg: VocabConfig, force: bool = False) -> Path:
     start = time.perf_counter()
     counts: dict[str, int] = {}
     passes = iter(("vocab: count characters", "vocab: train"))
-    log.info("training a %d-entry WordPiece vocabulary on %d file(s), %.1f MB",
-             cfg.vocab_size, len(inputs), sum(i["size"] for i in inputs) / 1e6)
-    tok = train_wordpiece(
-        lambda: _batches(corpus, cfg.batch_size, counts, next(passes)), cfg.vocab_size, lowercase=cfg.lowercase,
-        strip_accents=cfg.strip_accents, min_frequency=cfg.min_frequency, limit_alphabet=cfg.limit_alphabet,
-        num_unused=cfg.num_unused,
-    )
-    ids = special_ids(tok)
-    if ids.vocab_size < cfg.vocab_size:
-        log.warning("the corpus yields only %d entries of the %d asked for", ids.vocab_size, cfg.vocab_size)
-    with atomic_dir(out) as tmp:
-        save_tokenizer(tok, tmp, lowercase=cfg.lowercase, strip_accents=cfg.strip_accents)
+    with atomic_dir(out, "vocab") as tmp:  # made first: an unwritable output stops the stage before training
+        log.info("training a %d-entry WordPiece vocabulary on %d file(s), %.1f MB",
+                 cfg.vocab_size, len(inputs), sum(i["size"] for i in inputs) / 1e6)
+        tok = train_wordpiece(
+            lambda: _batches(corpus, cfg.batch_size, counts, next(passes)), cfg.vocab_size, lowercase=cfg.lowercase,
+            strip_accents=cfg.strip_accents, min_frequency=cfg.min_frequency, limit_alphabet=cfg.limit_alphabet,
+            num_unused=cfg.num_unused,
+        )
+        ids = special_ids(tok)
+        if ids.vocab_size < cfg.vocab_size:
+            log.warning("the corpus yields only %d entries of the %d asked for", ids.vocab_size, cfg.vocab_size)
+        try:
+            save_tokenizer(tok, tmp, lowercase=cfg.lowercase, strip_accents=cfg.strip_accents)
+        except OSError:
+            raise
+        except Exception as err:  # tokenizers reports a failed write as a plain Exception ("... (os error 28)")
+            raise BertpipeError(f"cannot write {tmp / 'tokenizer.json'}: {err}") from None
         write_json(tmp / "manifest.json", {
             "stage": "vocab",
             "key": key,
@@ -96,6 +117,7 @@ def build_vocab(cfg: VocabConfig, force: bool = False) -> Path:
                 "vocab_size": ids.vocab_size,
             },
             "vocab_sha256": sha256_file(tmp / "vocab.txt"),
+            "files": {name: sha256_file(tmp / name) for name in VOCAB_FILES},
             "duration_s": round(time.perf_counter() - start, 3),
             "versions": library_versions("tokenizers"),
         })
@@ -105,8 +127,42 @@ def build_vocab(cfg: VocabConfig, force: bool = False) -> Path:
 
 
 def vocab_hash(vocab_dir: str | Path) -> str:
-    """The sha256 of a vocab directory's vocab.txt: how later stages name the vocabulary they used."""
+    """The sha256 of a vocab directory's vocab.txt: how later stages name the vocabulary they used.
+
+    A directory the vocab stage wrote is first checked against its manifest (`verify_vocab`)."""
     path = Path(vocab_dir) / "vocab.txt"
     if not path.is_file():
         raise BertpipeError(f"no vocab.txt in {vocab_dir} (run `bertpipe vocab` first)")
-    return sha256_file(path)
+    return verify_vocab(vocab_dir) or sha256_file(path)
+
+
+def verify_vocab(vocab_dir: str | Path) -> str | None:
+    """Check a vocab directory's files against the sha256s its manifest lists; returns vocab.txt's sha256,
+    or None for a directory without a vocab manifest (an HF or Google vocabulary: nothing to check against)."""
+    vocab_dir = Path(vocab_dir)
+    manifest = read_manifest(vocab_dir)
+    if not manifest or manifest.get("stage") != "vocab":
+        return None
+    listed = manifest.get("files") or {"vocab.txt": manifest["vocab_sha256"]}  # older manifests: vocab.txt only
+    for name, sha in listed.items():
+        path = vocab_dir / name
+        if not path.is_file():
+            raise BertpipeError(f"{path} is missing (the vocabulary's manifest lists it); rebuild it with "
+                                "`bertpipe vocab --force`")
+        if sha256_file(path) != sha:
+            raise BertpipeError(f"{path} does not match the sha256 in its manifest (truncated or edited?); "
+                                "rebuild it with `bertpipe vocab --force`")
+    return manifest["vocab_sha256"]
+
+
+def load_vocab(vocab_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a vocab directory, its files checked first (`verify_vocab`); bad files are one line."""
+    if not Path(vocab_dir).is_dir():
+        raise BertpipeError(f"vocab directory not found: {vocab_dir} (run `bertpipe vocab` first)")
+    verify_vocab(vocab_dir)
+    try:
+        return load_tokenizer(vocab_dir)
+    except FileNotFoundError as err:
+        raise BertpipeError(str(err)) from None
+    except Exception as err:  # tokenizers raises a plain Exception on a damaged tokenizer.json
+        raise BertpipeError(f"{Path(vocab_dir) / 'tokenizer.json'}: cannot load: {str(err).splitlines()[0]}") from None

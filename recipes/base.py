@@ -39,11 +39,12 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
-from pipeline.artifacts import library_versions, sha256_file, write_json
+from pipeline.artifacts import claim_output, library_versions, mark, remove_own, sha256_file, swap_into, write_json
 from pipeline.config import check_all, load_config, to_dict
 from pipeline.errors import BertpipeError
 from pipeline.schedule import warmup_decay
@@ -392,7 +393,8 @@ def save_for_predict(directory: Path, net: nn.Module, encoder: TextEncoder, meta
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(net, str(directory / "model.safetensors"), metadata={"format": "pt"})  # tied tensors once
     encoder.save(directory)
-    write_json(directory / "meta.json", meta)
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != "meta.json"}
+    write_json(directory / "meta.json", meta | {"files": files})  # last: predict checks every file against it
     return directory
 
 
@@ -408,12 +410,25 @@ def load_net(run: str | Path) -> tuple[nn.Module, TextEncoder, dict]:
     directory = run / MODEL_DIR if (run / MODEL_DIR).is_dir() else run
     if not (directory / "meta.json").is_file():
         raise BertpipeError(f"{run}: not a finetune run directory (no {MODEL_DIR}/meta.json)")
-    meta = json.loads((directory / "meta.json").read_text())
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise BertpipeError(f"{directory / 'meta.json'}: cannot read: {err}") from None
+    for name, sha in meta.get("files", {"model.safetensors": None}).items():  # runs before "files": weights only
+        path = directory / name
+        if not path.is_file():
+            raise BertpipeError(f"{path} is missing: the run is incomplete (train it again)")
+        if sha is not None and sha256_file(path) != sha:
+            raise BertpipeError(f"{path} does not match the sha256 in meta.json (truncated or damaged): train the "
+                                "run again")
     spec = get_task(meta["task"])
     if tuple(meta["labels"]) != spec.labels:
         raise BertpipeError(f"{directory}: labels {meta['labels']} differ from task {spec.name}'s {list(spec.labels)}")
     net, encoder = model_kind(meta["kind"]).restore(meta, directory)
-    load_safetensors(net, str(directory / "model.safetensors"))
+    try:
+        load_safetensors(net, str(directory / "model.safetensors"))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise BertpipeError(f"{directory / 'model.safetensors'}: cannot load: {str(err).splitlines()[0]}") from None
     return net.eval(), encoder, meta
 
 
@@ -470,18 +485,15 @@ def _trainer(cfg: FinetuneConfig, spec: TaskSpec, work: Path, main: bool, callba
 
 
 def _prepare(run_dir: Path) -> Path:
-    """The work directory `<run_dir>.incomplete/`, emptied (what a failed run left is not resumed)."""
+    """The work directory `<run_dir>.incomplete/`, emptied (what a failed run left is not resumed) and marked."""
     work = run_dir.with_name(run_dir.name + ".incomplete")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    remove_own(work, "finetune")
+    try:
+        work.mkdir(parents=True)
+    except OSError as err:
+        raise BertpipeError(f"cannot create {work}: {err.strerror or err}") from None
+    mark(work, "finetune")
     return work
-
-
-def _finish(work: Path, run_dir: Path) -> None:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    os.replace(work, run_dir)
 
 
 def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) -> Path:
@@ -491,10 +503,20 @@ def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) ->
     spec = get_task(cfg.task.name)
     run_dir = Path(cfg.run_dir)
     main = rank_zero_only.rank == 0  # ranks other than 0 re-run this command under Lightning's DDP launcher
-    if main and (run_dir / "results.json").exists() and not force:
+    if main and claim_output(run_dir, "finetune") == "ours" and not force:
         raise BertpipeError(f"{run_dir} holds a finished run; pass --force to replace it")
     splits = read_splits(cfg.task, spec)  # bad input fails here, before a model is built or a file written
     work = _prepare(run_dir) if main else run_dir.with_name(run_dir.name + ".incomplete")
+    try:
+        return _fit(cfg, spec, splits, work, run_dir, main, progress_bar)
+    except BaseException:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)  # a failed run is not resumed: leave no debris
+        raise
+
+
+def _fit(cfg: FinetuneConfig, spec: TaskSpec, splits: dict, work: Path, run_dir: Path, main: bool,
+         progress_bar: bool) -> Path:
     if main:
         (work / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -552,7 +574,7 @@ def fit(cfg: FinetuneConfig, force: bool = False, progress_bar: bool = False) ->
                            step=trainer.global_step)
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
-    _finish(work, run_dir)
+    swap_into(work, run_dir, "finetune")
     return run_dir
 
 

@@ -1,9 +1,16 @@
-"""`bertpipe predict`: a finished run's label with its probability for each text, or each word's tag.
+"""`bertpipe predict` (and `bertpipe serve`): a finished run's answer for each input — a label with its
+probability, each word's tag, or a translation.
 
 The run is rebuilt from its `model/` directory (safetensors weights, meta.json, tokenizer files) through the
-model kind's `restore()`; no Lightning checkpoint and no pickled code is loaded. Texts are encoded and batched
+model kind's `restore()`; no Lightning checkpoint and no pickled code is loaded. Inputs are encoded and batched
 exactly as in training (recipes/tasks.py). For tagging, free text is split into words the way CoNLL tokenizes
 (punctuation apart); `--pretokenized` splits on whitespace only.
+
+What each task kind does with an input lives here once, in one `KindPredictor` subclass per kind (`KINDS`):
+`prepare()` checks one input and turns it into what the network reads, `answer()` runs a batch of prepared
+inputs. `bertpipe predict` calls both in turn; the server prepares each request's inputs as it arrives (a bad
+one is that request's 4xx) and answers batches gathered across requests. An input is one of the `SHAPES`: a
+text, a pair `{"a": ..., "b": ...}` or a question with its context; each kind says which one it takes.
 """
 
 from __future__ import annotations
@@ -12,67 +19,209 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.errors import BertpipeError
-from recipes.base import load_run
-from recipes.tasks import Collator, TaggedExample, TextExample, encode, split_words
+from recipes.base import TaskModule, load_net
+from recipes.tasks import Collator, TaggedExample, TaskSpec, encode, encode_text, get_task, split_words
+
+# the shapes one input can take: what `prepare` accepts, the server's schema and the page's fields
+SHAPES = {"text": "a text", "pair": 'a pair {"a": ..., "b": ...}',
+          "question": 'a question with its context {"question": ..., "context": ...}'}
+
+
+class InputError(BertpipeError):
+    """An input a run cannot answer: `reason` says why, `index` which input (the server answers with a 422)."""
+
+    def __init__(self, reason: str, index: int | None = None):
+        super().__init__(reason if index is None else f"input {index}: {reason}")
+        self.reason, self.index = reason, index
+
+
+def shape_of(item: Any) -> str | None:
+    """The SHAPES key of one input (a str, or a dict with exactly the shape's keys), None for anything else."""
+    if isinstance(item, str):
+        return "text"
+    if isinstance(item, dict):
+        return {frozenset("ab"): "pair", frozenset(("question", "context")): "question"}.get(frozenset(item))
+    return None
+
+
+class KindPredictor:
+    """How one task kind answers: `prepare` checks one input, `answer` runs a batch of prepared ones.
+
+    A subclass sets `shape` (the SHAPES key it takes) and returns one JSON-ready dict per input from `answer`,
+    each with `truncated`: whether the input was cut to the run's `max_len`.
+    """
+
+    shape = "text"
+
+    def __init__(self, net: torch.nn.Module, encoder, meta: dict, spec: TaskSpec, device: str, **options: Any):
+        self.net, self.encoder, self.meta, self.spec, self.device = net.to(device), encoder, meta, spec, device
+        self.max_len = meta["max_len"]
+
+    def prepare(self, item: Any, pretokenized: bool = False) -> Any:
+        shape = shape_of(item)
+        if shape != self.shape:
+            got = SHAPES[shape] if shape else f"a {type(item).__name__}"
+            raise InputError(f"this {self.spec.name} run takes {SHAPES[self.shape]}, not {got}")
+        if shape == "text":
+            if not item.strip():
+                raise InputError("empty text")
+            return item.strip()
+        for key, value in item.items():
+            if not isinstance(value, str) or not value.strip():
+                raise InputError(f"{key!r} must be a non-empty text")
+        return {key: value.strip() for key, value in item.items()}
+
+    def answer(self, prepared: list) -> list[dict]:
+        raise NotImplementedError
+
+    def fits(self, pieces: list[int], encoder=None) -> bool:
+        """Whether a text's pieces fit in max_len beside the special tokens (else the model saw them cut)."""
+        encoder = encoder or self.encoder
+        return len(pieces) <= self.max_len - len(encoder.prefix) - len(encoder.suffix)
+
+
+class LabelPredictor(KindPredictor):
+    """A kind whose network gives logits per sequence or per word: TaskModule's forward and predictions."""
+
+    def __init__(self, net, encoder, meta, spec, device, **options):
+        super().__init__(net, encoder, meta, spec, device)
+        self.module = TaskModule(self.net, spec).eval()
+
+    def batch(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in Collator(self.encoder.pad_id)(features).items()}
+
+
+class Classify(LabelPredictor):
+    """One label per text: the label, its probability and every label's."""
+
+    def answer(self, texts: list[str]) -> list[dict]:
+        pieces = self.encoder.pieces(texts)
+        batch = self.batch([{"input_ids": encode_text(self.encoder, p, self.max_len), "label": 0} for p in pieces])
+        logits = self.module(batch)
+        probs, preds = logits.float().softmax(-1).tolist(), self.module.predictions(logits, batch).tolist()
+        labels = self.spec.labels
+        return [{"text": text, "label": labels[pred], "probability": round(p[pred], 4),
+                 "probabilities": {name: round(v, 4) for name, v in zip(labels, p, strict=True)},
+                 "truncated": not self.fits(piece)}
+                for text, piece, p, pred in zip(texts, pieces, probs, preds, strict=True)]
+
+
+class Tag(LabelPredictor):
+    """One tag per word, with its probability; words cut off by max_len get the task's default tag."""
+
+    def prepare(self, item: Any, pretokenized: bool = False) -> tuple[str, list[str]]:
+        text = super().prepare(item)
+        words = text.split() if pretokenized else split_words(text)
+        if not words:
+            raise InputError("no words to tag")
+        return text, words
+
+    def answer(self, prepared: list[tuple[str, list[str]]]) -> list[dict]:
+        features = encode([TaggedExample(words, [0] * len(words)) for _, words in prepared], self.encoder,
+                          self.max_len)
+        batch = self.batch(features)
+        logits = self.module(batch)
+        probs, preds = logits.float().softmax(-1), self.module.predictions(logits, batch)
+        out = []
+        for i, (text, words) in enumerate(prepared):
+            n = len(words)
+            tags = preds[i, :n]
+            chosen = probs[i, :n].gather(-1, tags[:, None]).squeeze(-1).tolist()
+            # words cut off by max_len have no logits of their own: their default tag has no probability
+            cut = [start < 0 for start in features[i]["word_starts"]]
+            out.append({"text": text, "words": words, "tags": [self.spec.labels[t] for t in tags.tolist()],
+                        "probabilities": [None if c else round(p, 4) for p, c in zip(chosen, cut, strict=True)],
+                        "truncated": any(cut)})
+        return out
+
+
+class Translate(KindPredictor):
+    """A translation per text: beam search (or greedy, beam 1) with the run's settings unless given."""
+
+    def __init__(self, net, encoder, meta, spec, device, beam: int | None = None, max_new_tokens: int | None = None,
+                 **options):
+        super().__init__(net, encoder, meta, spec, device)
+        if (beam is not None and beam < 1) or (max_new_tokens is not None and max_new_tokens < 1):
+            raise BertpipeError("the beam size and the translation length limit must be positive")
+        self.beam, self.max_new_tokens = beam or net.cfg.beam, max_new_tokens
+
+    def answer(self, texts: list[str]) -> list[dict]:
+        from recipes.seq2seq import PairCollator, decode_ids
+
+        source, target = self.encoder.source, self.encoder.target
+        bos, eos = target.prefix[0], target.suffix[0]
+        pieces = source.pieces(texts)
+        batch = PairCollator(source.pad_id, target.pad_id)(
+            [{"source": encode_text(source, p, self.max_len), "target": [bos], "index": 0} for p in pieces])
+        args = (batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), bos, eos)
+        with torch.no_grad():
+            ids = (self.net.greedy(*args, max_new_tokens=self.max_new_tokens) if self.beam == 1 else
+                   self.net.beam_search(*args, beam=self.beam, max_new_tokens=self.max_new_tokens))
+        return [{"text": text, "translation": decode_ids(target, row), "truncated": not self.fits(piece, source)}
+                for text, piece, row in zip(texts, pieces, ids, strict=True)]
+
+
+KINDS: dict[str, type[KindPredictor]] = {"classify": Classify, "tag": Tag, "translate": Translate}  # task kind ->
+NOT_SERVED = {"rnn_lm": "writes sentences (bertpipe generate)", "autoencoder": "rebuilds its inputs"}  # model kinds
 
 
 class Predictor:
-    """A finished run, ready to label texts."""
+    """A finished run, ready to answer inputs of its task kind (KINDS) in batches of `batch_size`."""
 
-    def __init__(self, run: str | Path, device: str = "cpu", batch_size: int = 32):
-        self.module, self.encoder, self.meta = load_run(run)
-        self.module.to(device)
+    def __init__(self, run: str | Path, device: str = "cpu", batch_size: int = 32, **options: Any):
+        net, encoder, self.meta = load_net(run)
+        self.spec = get_task(self.meta["task"])
+        model_kind = self.meta["kind"]
+        if model_kind in NOT_SERVED or self.spec.kind not in KINDS:
+            why = NOT_SERVED.get(model_kind, f"is a {self.spec.kind} task")
+            raise BertpipeError(f"{run}: a {model_kind} run on {self.spec.name} {why}; predict answers "
+                                f"{', '.join(KINDS)} runs")
+        self.impl = KINDS[self.spec.kind](net, encoder, self.meta, self.spec, device, **options)
         self.device, self.batch_size = device, batch_size
 
     @property
     def kind(self) -> str:
-        return self.module.spec.kind
+        """The task kind: classify, tag, translate (a key of KINDS)."""
+        return self.spec.kind
+
+    @property
+    def shape(self) -> str:
+        """The input it takes (a key of SHAPES)."""
+        return self.impl.shape
+
+    def prepare(self, inputs: list, pretokenized: bool = False) -> list:
+        """Every input checked and converted; the first bad one raises InputError naming its index."""
+        prepared = []
+        for i, item in enumerate(inputs):
+            try:
+                prepared.append(self.impl.prepare(item, pretokenized))
+            except InputError as err:
+                raise InputError(err.reason, i) from None
+        return prepared
 
     @torch.no_grad()
-    def __call__(self, texts: list[str], pretokenized: bool = False) -> list[dict]:
-        """One dict per text: `label`, `probability` and every label's `probabilities`; or `words`, `tags` and
-        the probability of each tag."""
-        labels = self.module.spec.labels
-        if self.kind == "classify":
-            examples = [TextExample(t, 0) for t in texts]
-        else:
-            words = [t.split() if pretokenized else split_words(t) for t in texts]
-            examples = [TaggedExample(w, [0] * len(w)) for w in words]
-        features = encode(examples, self.encoder, self.meta["max_len"])
-        loader = DataLoader(features, batch_size=self.batch_size, collate_fn=Collator(self.encoder.pad_id))
+    def answer(self, prepared: list) -> list[dict]:
+        """One result per prepared input, in order (see the KindPredictor subclasses for the keys)."""
         out: list[dict] = []
-        for batch in loader:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            logits = self.module(batch)
-            probs = logits.float().softmax(-1)
-            preds = self.module.predictions(logits, batch)
-            for i in range(len(preds)):
-                ex = examples[len(out)]
-                if self.kind == "classify":
-                    p = probs[i].tolist()
-                    out.append({"text": ex.text, "label": labels[int(preds[i])], "probability": round(p[preds[i]], 4),
-                                "probabilities": {name: round(v, 4) for name, v in zip(labels, p, strict=True)}})
-                else:
-                    n = len(ex.words)
-                    tags = preds[i, :n].tolist()
-                    chosen = probs[i, :n].gather(-1, preds[i, :n, None]).squeeze(-1).tolist() if n else []
-                    # words cut off by max_len have no logits of their own: their default tag has no probability
-                    cut = (batch["word_starts"][i, :n] < 0).tolist()
-                    probabilities = [None if c else round(p, 4) for p, c in zip(chosen, cut, strict=True)]
-                    out.append({"text": texts[len(out)], "words": ex.words, "tags": [labels[t] for t in tags],
-                                "probabilities": probabilities})
+        for start in range(0, len(prepared), self.batch_size):
+            out += self.impl.answer(prepared[start:start + self.batch_size])
         return out
+
+    def __call__(self, inputs: list, pretokenized: bool = False) -> list[dict]:
+        return self.answer(self.prepare(inputs, pretokenized))
 
 
 def format_line(result: dict) -> str:
-    """`label<TAB>probability<TAB>text`, or `word/TAG word/TAG ...`."""
+    """`label<TAB>probability<TAB>text`, `word/TAG word/TAG ...`, or the translation."""
     if "label" in result:
         return f"{result['label']}\t{result['probability']:.4f}\t{result['text']}"
+    if "translation" in result:
+        return result["translation"]
     return " ".join(f"{w}/{t}" for w, t in zip(result["words"], result["tags"], strict=True))
 
 
@@ -89,8 +238,9 @@ def predict_command(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="bertpipe predict",
-        description="Label texts with a finished finetune run: the label and its probability for sentiment "
-                    "tasks, each word's tag for NER and POS. One output line per input text.")
+        description="Answer texts with a finished finetune run: the label and its probability for sentiment "
+                    "tasks, each word's tag for NER and POS, the translation for seq2seq runs. One output line "
+                    "per input text.")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished `bertpipe finetune` run directory")
     parser.add_argument("--input", metavar="FILE", help="also label each non-empty line of FILE ('-' for stdin)")
@@ -106,4 +256,3 @@ def predict_command(argv: list[str]) -> int:
     for result in Predictor(args.run, args.device, args.batch_size)(texts, args.pretokenized):
         print(json.dumps(result, ensure_ascii=False) if args.json else format_line(result))
     return 0
-

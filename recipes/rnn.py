@@ -434,6 +434,8 @@ def generate(run: str | Path, label: str, length: int = 20, num: int = 5, temper
     if label not in meta["labels"]:
         raise BertpipeError(f"label {label!r} is not one of {', '.join(meta['labels'])}")
     banned = {encoder.pad_id, encoder.unk_id, *encoder.prefix, *encoder.suffix}
+    if isinstance(encoder, WordPieceEncoder):  # [MASK] and the [unusedN] slots too, wherever the vocabulary has them
+        banned.update(encoder.special.reserved)
     ids = net.generate(meta["labels"].index(label), length, encoder.prefix[0], num, temperature, top_k, banned,
                        torch.Generator().manual_seed(seed))
     return [decode(encoder, row) for row in ids.tolist()]

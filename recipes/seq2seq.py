@@ -105,10 +105,10 @@ def detokenize(tokens: list[str]) -> str:
 
 
 def decode_ids(encoder: WordPieceEncoder, ids: list[int]) -> str:
-    """A decoder's output ids as text: up to the end token, specials other than [UNK] dropped."""
+    """A decoder's output ids as text: up to the end token, specials and unused slots other than [UNK] dropped."""
     end = encoder.suffix[0]
     ids = ids[:ids.index(end)] if end in ids else ids
-    specials = {encoder.pad_id, *encoder.prefix, *encoder.suffix}
+    specials = set(encoder.special.reserved) - {encoder.unk_id}
     return detokenize([encoder.tokenizer.id_to_token(i) for i in ids if i not in specials])
 
 
@@ -539,27 +539,14 @@ def restore(meta: dict, directory: Path) -> tuple[nn.Module, PairEncoder]:
 
 def translate(run: str | Path, sentences: list[str], beam: int | None = None, max_new_tokens: int | None = None,
               batch_size: int = 32) -> list[str]:
-    """Translations of `sentences` by a finished seq2seq run (beam 1 = greedy; default: the run's beam)."""
-    from recipes.base import load_net
+    """Translations of `sentences` by a finished seq2seq run (beam 1 = greedy; default: the run's beam), through
+    the same Predictor as `bertpipe predict` and `bertpipe serve`."""
+    from recipes.predict import Predictor
 
-    net, encoder, meta = load_net(run)
-    if meta["kind"] != "seq2seq":
-        raise BertpipeError(f"{run}: a {meta['kind']} run; translation needs model.kind=seq2seq")
-    if (beam is not None and beam < 1) or (max_new_tokens is not None and max_new_tokens < 1):
-        raise BertpipeError("--beam and --max-len must be positive")
-    beam = beam or net.cfg.beam
-    bos, eos = encoder.target.prefix[0], encoder.target.suffix[0]
-    out = []
-    for start in range(0, len(sentences), batch_size):
-        pieces = encoder.source.pieces(sentences[start:start + batch_size])
-        batch = PairCollator(encoder.source.pad_id, encoder.target.pad_id)(
-            [{"source": encode_text(encoder.source, p, meta["max_len"]), "target": [bos], "index": 0}
-             for p in pieces])
-        args = (batch["input_ids"], batch["attention_mask"], bos, eos)
-        ids = (net.greedy(*args, max_new_tokens=max_new_tokens) if beam == 1 else
-               net.beam_search(*args, beam=beam, max_new_tokens=max_new_tokens))
-        out += [decode_ids(encoder.target, row) for row in ids]
-    return out
+    predictor = Predictor(run, batch_size=batch_size, beam=beam, max_new_tokens=max_new_tokens)
+    if predictor.kind != "translate":
+        raise BertpipeError(f"{run}: a {predictor.meta['kind']} run; translation needs model.kind=seq2seq")
+    return [result["translation"] for result in predictor(sentences)]
 
 
 def translate_command(argv: list[str]) -> int:

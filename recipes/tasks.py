@@ -13,7 +13,6 @@ other pieces of a word are ignored, as in BERT's NER setup.
 from __future__ import annotations
 
 import gzip
-import json
 import random
 import re
 import shutil
@@ -24,8 +23,6 @@ from typing import Protocol
 
 import lightning as L
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordPiece
 from torch.utils.data import DataLoader
 
 from pipeline.errors import BertpipeError
@@ -49,6 +46,11 @@ class TaskConfig:
     max_len: int = 128  # pieces per example, specials included; longer examples are cut
     max_train: int | None = None  # a seeded sample of this many training examples (quick runs)
     max_eval: int | None = None  # the first N dev/test examples
+    # a split may also be an HF dataset (a save_to_disk directory, an .arrow or .parquet file), read by column:
+    text_column: str = "text"  # classification: the text
+    label_column: str = "label"  # classification: the label (its index, or its name; ClassLabel names are matched)
+    words_column: str = "tokens"  # tagging: the words of a sentence (a list of strings)
+    tags_column: str = "tags"  # tagging: their tags (indices or names, as the label column)
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -306,7 +308,7 @@ def read_splits(cfg: TaskConfig, spec: TaskSpec) -> dict[str, list]:
         raise BertpipeError(f"task {spec.name}: task.train is not set")
     if cfg.holdout > 0 and (cfg.dev or cfg.test):
         raise BertpipeError("task.holdout carves dev and test out of train: leave task.dev and task.test empty")
-    splits = {name: spec.read(getattr(cfg, name)) for name in SPLITS if getattr(cfg, name)}
+    splits = {name: read_split(cfg, spec, getattr(cfg, name)) for name in SPLITS if getattr(cfg, name)}
     rng = random.Random(cfg.split_seed)
     if cfg.holdout > 0:
         order = list(range(len(splits["train"])))
@@ -327,7 +329,80 @@ def read_splits(cfg: TaskConfig, spec: TaskSpec) -> dict[str, list]:
 
 
 def input_files(cfg: TaskConfig, spec: TaskSpec) -> dict[str, list[Path]]:
-    return {name: spec.files(getattr(cfg, name)) for name in SPLITS if getattr(cfg, name)}
+    return {name: dataset_files(path) if is_dataset(path) else spec.files(path)
+            for name in SPLITS if (path := getattr(cfg, name))}
+
+
+# ---- splits held as HF datasets ----------------------------------------------------------------------------
+
+
+def is_dataset(path: str | Path) -> bool:
+    """An HF dataset: a directory written by `Dataset.save_to_disk` or a single .arrow / .parquet file."""
+    path = Path(path)
+    return path.suffix in (".arrow", ".parquet") or (path / "state.json").is_file()
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    return sorted(path.glob("*.arrow")) if path.is_dir() else [path]
+
+
+def read_split(cfg: TaskConfig, spec: TaskSpec, path: str) -> list:
+    """A split's examples from its task's own files, or from an HF dataset by the configured columns."""
+    return read_dataset(Path(path), spec, cfg) if is_dataset(path) else spec.read(path)
+
+
+def _label_names(feature) -> list[str] | None:
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def read_dataset(path: Path, spec: TaskSpec, cfg: TaskConfig) -> list:
+    """Texts and labels (task.text_column, task.label_column) or words and tags (task.words_column,
+    task.tags_column) of an HF dataset; ClassLabel values are matched to the task's labels by name."""
+    import datasets
+
+    if spec.kind not in ("classify", "tag"):
+        raise BertpipeError(f"{path}: task {spec.name} reads its own files, not an HF dataset")
+    if not path.exists():
+        raise BertpipeError(f"{path}: file not found (set task.data_dir or DATA_DIR)")
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))  # memory-mapped
+        else:
+            kind = "parquet" if path.suffix == ".parquet" else "arrow"
+            ds = datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True)
+        features = ds.features
+    except Exception as err:  # datasets and pyarrow raise many kinds on a file that is not a dataset
+        raise BertpipeError(f"{path}: not a readable HF dataset: {str(err).splitlines()[0]}") from None
+    classify = spec.kind == "classify"
+    first, second = (cfg.text_column, cfg.label_column) if classify else (cfg.words_column, cfg.tags_column)
+    absent = [c for c in (first, second) if c not in features]
+    if absent:
+        keys = "task.text_column / task.label_column" if classify else "task.words_column / task.tags_column"
+        raise BertpipeError(f"{path}: no column {', '.join(map(repr, absent))} (it has {', '.join(features)}; "
+                            f"set {keys})")
+    feature = features[second]
+    names = _label_names(feature if spec.kind == "classify" else getattr(feature, "feature", feature))
+
+    def label(value, where: str) -> int:
+        if isinstance(value, str) or names is not None:
+            return _index(names[value] if names is not None and isinstance(value, int) else str(value),
+                          spec.labels, where)
+        if not isinstance(value, int) or not 0 <= value < len(spec.labels):
+            raise BertpipeError(f"{where}: label {value!r} is not one of 0..{len(spec.labels) - 1}")
+        return value
+
+    examples = []
+    for row, record in enumerate(ds.select_columns([first, second])):
+        where = f"{path}: row {row}"
+        if spec.kind == "classify":
+            examples.append(TextExample(str(record[first]).strip(), label(record[second], where)))
+            continue
+        words, tags = record[first], record[second]
+        if len(words) != len(tags):
+            raise BertpipeError(f"{where}: {len(words)} words but {len(tags)} tags")
+        examples.append(TaggedExample([str(w) for w in words], [label(t, where) for t in tags]))
+    return examples
 
 
 _WORD = re.compile(r"\w+(?:[-'.]\w+)*|[^\w\s]")
@@ -356,22 +431,23 @@ class TextEncoder(Protocol):
 
 
 class WordPieceEncoder:
-    """The project's WordPiece tokenizer (`tokenization.load_tokenizer`), or an HF dir's vocab.txt alone."""
+    """A WordPiece tokenizer of any BERT vocabulary layout (`tokenization.load_tokenizer`: tokenizer.json, or
+    vocab.txt alone); `special` tells where its specials and unused slots sit."""
 
     def __init__(self, directory: str | Path):
+        from pipeline.vocab import verify_vocab
         from tokenization import load_tokenizer, special_ids
 
         directory = Path(directory)
-        if (directory / "tokenizer.json").is_file():
-            self.tokenizer = load_tokenizer(directory)
-        elif (directory / "vocab.txt").is_file():
-            self.tokenizer = _from_vocab_txt(directory)
-        else:
-            raise BertpipeError(f"{directory}: no tokenizer.json or vocab.txt (set model.vocab_dir)")
+        verify_vocab(directory)  # a vocab stage's directory: its files against its manifest
         try:
-            ids = special_ids(self.tokenizer)
+            self.tokenizer = load_tokenizer(directory)
+            self.special = special_ids(self.tokenizer)
+        except FileNotFoundError:
+            raise BertpipeError(f"{directory}: no tokenizer.json or vocab.txt (set model.vocab_dir)") from None
         except ValueError as err:
             raise BertpipeError(f"{directory}: {err}") from None
+        ids = self.special
         self.directory = directory
         self.pad_id, self.unk_id, self.vocab_size = ids.pad, ids.unk, ids.vocab_size
         self.prefix, self.suffix = [ids.cls], [ids.sep]
@@ -384,16 +460,6 @@ class WordPieceEncoder:
         for name in TOKENIZER_FILES:
             if name != "tokenizer.json" and (self.directory / name).is_file():
                 shutil.copy2(self.directory / name, directory / name)
-
-
-def _from_vocab_txt(directory: Path) -> Tokenizer:
-    """An HF BERT directory that ships only vocab.txt: BERT's normalization, lowercased unless it says not."""
-    config = directory / "tokenizer_config.json"
-    lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.is_file() else True
-    tok = Tokenizer(WordPiece.from_file(str(directory / "vocab.txt"), unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return tok
 
 
 # ---- encoding and label alignment ------------------------------------------------------------------------

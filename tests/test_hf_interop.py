@@ -47,7 +47,7 @@ def test_export_loads_in_transformers_with_equal_outputs(model, vocab_dir, tmp_p
     out = export_hf(model, tmp_path / "hf", vocab_dir)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json"])
+         "special_tokens_map.json", "bertpipe.json"])  # the marker that lets bertpipe replace its own export
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
 
     hf, info = transformers.BertForPreTraining.from_pretrained(out, output_loading_info=True)
@@ -185,24 +185,39 @@ def test_a_checkpoint_of_another_model_is_not_loaded_as_heads_only(tmp_path):
         load_weights(BertForPreTraining(from_preset("tiny", 1000)), tmp_path / "model.safetensors")
 
 
-def test_bertpipe_checkpoint_round_trips_as_a_directory_a_lone_file_and_a_run(model, tmp_path):
+def test_bertpipe_checkpoint_round_trips_as_a_directory_and_a_lone_file(model, tmp_path):
+    """(Pretraining run directories, read from their DeepSpeed checkpoints, are tested on real runs in
+    test_run_export.py.)"""
     save_model(model, tmp_path / "ckpt")
     assert read_config(tmp_path / "ckpt") == model.config
     lone = tmp_path / "elsewhere" / "weights.safetensors"
     lone.parent.mkdir()
     shutil.copy(tmp_path / "ckpt" / "model.safetensors", lone)  # the config travels in the metadata
-    run = tmp_path / "run"
-    shutil.copytree(tmp_path / "ckpt", run / "checkpoints" / "step-00000010")
-    (run / "checkpoints" / "latest").write_text("step-00000010\n")
 
     batch = make_batch(model.config.vocab_size)
     with torch.no_grad():
         expected = model(**batch).loss
-    for source in (tmp_path / "ckpt", lone, run):
+    for source in (tmp_path / "ckpt", lone):
         loaded, report = load_hf(source)
         assert report.missing == [] and loaded.config == model.config
         with torch.no_grad():
             assert torch.equal(loaded.eval()(**batch).loss, expected), source
+
+
+def test_weights_saved_from_a_compiled_model_load_without_the_compile_prefix(model, tmp_path):
+    from safetensors.torch import save_file
+
+    compiled = torch.compile(model)  # the wrapper (not compiled until called) names every tensor _orig_mod.*
+    state = {k: v.contiguous() for k, v in compiled.state_dict().items() if "decoder" not in k}
+    assert all(k.startswith("_orig_mod.") for k in state)
+    save_file(state, tmp_path / "model.safetensors")
+    save_model(model, tmp_path / "config-only")
+    shutil.copy(tmp_path / "config-only" / "model_config.json", tmp_path / "model_config.json")
+    loaded, report = load_hf(tmp_path)
+    assert report.missing == [] and report.unexpected == []
+    batch = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch).loss, model(**batch).loss)
 
 
 def test_export_command(model, vocab_dir, tmp_path, cli):
@@ -229,4 +244,4 @@ def test_model_info_takes_the_vocabulary_size_from_a_vocab_directory(vocab_dir, 
     code, out, _ = cli("model-info", "--preset", "tiny", "--vocab", vocab_dir, "--compare-hf")
     assert code == 0 and "vocabulary: 4,000 entries" in out and " yes" in out
     code, _, err = cli("model-info", "--vocab", vocab_dir.parent / "nowhere")
-    assert code == 1 and "no tokenizer.json" in err
+    assert code == 1 and "vocab directory not found" in err

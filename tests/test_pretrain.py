@@ -58,26 +58,50 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: (r["loss"], r["samples_digest"]) for r in read_metrics(run_dir) if r["event"] == "train"}
 
 
+# a probe as brief as a test can afford: 200 SST-2 sentences, scored on the first 200 dev sentences
+PROBE = ("probe.every=100", "probe.overrides=[task.max_train=200,task.max_eval=200,task.max_len=32,"
+         "trainer.max_epochs=1,trainer.checkpoint=false,track.wandb=disabled,trainer.accelerator=cpu]")
+
+
 @pytest.mark.slow
-def test_two_ranks_zero2_loss_falls_and_exports(wiki_shards, wiki_vocab, tmp_path):
+def test_two_ranks_zero2_loss_falls_evaluates_held_out_probes_and_exports(wiki_shards, wiki_vocab, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.pretrain import PretrainConfig, lr_factor
+
     run_dir = tmp_path / "zero2"
     proc = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=100", "zero_stage=2", "optim.lr=2e-3",
-                       "eval_every=50", "data.eval_shards=1", ranks=2))
+                       "eval_every=50", "eval_batches=0", *PROBE, ranks=2))
     assert proc.returncode == 0, why(proc)
     train = [r for r in read_metrics(run_dir) if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 101))
     first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-10:]) / 10
     assert last < first - 2.0, (first, last)  # measured: 10.97 -> 8.18 (first 5 vs last 10 steps)
+    # the logged lr is the one the step used: the schedule's value for the step before the update
+    cfg = load_config(PretrainConfig, run_dir / "config.yaml")
+    for r in train:
+        assert r["lr"] == pytest.approx(2e-3 * lr_factor(r["step"] - 1, cfg), rel=1e-9), r["step"]
     start = next(r for r in read_metrics(run_dir) if r["event"] == "start")
     assert start["world_size"] == 2 and start["deepspeed"]["zero_optimization"]["stage"] == 2
+    # held out: the shard stage's eval split, all of it (eval_batches=0), shared by both ranks
+    held = json.loads((wiki_shards / "manifest.json").read_text())["eval"]
     evals = [r for r in read_metrics(run_dir) if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [50, 100] and evals[1]["mlm_acc"] > evals[0]["mlm_acc"] * 0.9
+    assert all(r["sequences"] == held["rows"] and r["tokens_seen"] > 0 for r in evals), evals
     for r in train:
         assert all(r[k] is not None for k in FIELDS), r
+    # a probe at the end: the weights fine-tuned on SST-2 (rank 0 while rank 1 waited), one line per task
+    (probe,) = [r for r in read_metrics(run_dir) if r["event"] == "probe"]
+    assert probe["step"] == 100 and probe["recipe"] == "sst2" and probe["metric"] == "accuracy"
+    assert 0.3 < probe["value"] < 1 and probe["flops"] > 0 and probe["device_hours"] > 0
+    assert probe["tokens_seen"] == train[-1]["tokens_seen"] > 100 * 32 * 20
+    result = json.loads((run_dir / "probes" / "step-00000100" / "probe.json").read_text())
+    assert result["tasks"]["sst2"]["examples"]["train"] == 200
+    assert not (run_dir / "probes" / "step-00000100" / "export").exists()  # the probe's weights are removed
     # W&B: an offline run with the run's config; the metrics file has every field
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     (record,) = offline[0].glob("run-*.wandb")  # offline W&B keeps the config inside its binary run record
     assert b"zero_stage" in record.read_bytes() and str(run_dir).encode() in record.read_bytes()
+    assert b"probe/sst2" in record.read_bytes()
     # the export loads in transformers and predicts like the last checkpoint's consolidated weights
     from transformers import BertForPreTraining
 
@@ -85,19 +109,29 @@ def test_two_ranks_zero2_loss_falls_and_exports(wiki_shards, wiki_vocab, tmp_pat
     assert hf.config.vocab_size == 30_000 and hf.config.num_hidden_layers == 2
     plots = subprocess.run([str(BIN / "bertpipe"), "plot", str(run_dir)], capture_output=True, text=True)
     assert plots.returncode == 0 and (run_dir / "plots" / "loss.png").stat().st_size > 10_000
+    assert (run_dir / "plots" / "probe.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
-def test_zero3_saves_and_loads(wiki_shards, wiki_vocab, tmp_path):
+def test_zero3_saves_loads_and_evaluates_uneven_shares_on_every_rank(wiki_shards, wiki_vocab, tmp_path):
     run_dir = tmp_path / "zero3"
+    # the held-out rows split unevenly over the two ranks, and so do their micro-batches: rank 0 has one more
+    # (ZeRO-3 gathers parameters collectively in every forward pass: unequal passes would hang)
+    rows = json.loads((wiki_shards / "manifest.json").read_text())["eval"]["rows"]
+    micro = next(m for m in (16, 8, 4, 2, 1) if (rows // 2) % m == 0)
+    assert rows % 2 == 1, "the test needs an odd number of held-out rows: change the fixture's eval_documents"
+    evals = ("eval_every=2", "eval_batches=0", f"data.micro_batch={micro}", f"data.global_batch={2 * micro}")
     first = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=4", "zero_stage=3", "checkpoint_every=2",
-                        "export=false", ranks=2))
+                        "export=false", *evals, ranks=2))
     assert first.returncode == 0, why(first)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000004"
-    more = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=6", "zero_stage=3", ranks=2))
+    more = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=6", "zero_stage=3", *evals, ranks=2))
     assert more.returncode == 0, why(more)
     assert "resumed from step-00000004 at step 4" in more.stderr
     assert sorted(losses(run_dir)) == list(range(1, 7))
+    scores = [r for r in read_metrics(run_dir) if r["event"] == "eval"]
+    assert [r["step"] for r in scores] == [2, 4, 6] and all(r["sequences"] == rows for r in scores)
+    assert scores[-1]["batches"] == -(-(rows - rows // 2) // micro) > (rows // 2) // micro
     from transformers import BertForPreTraining
 
     BertForPreTraining.from_pretrained(run_dir / "export")  # consolidated from the ZeRO-3 shards
@@ -155,6 +189,7 @@ def test_sigterm_checkpoints_exits_preempted_and_resumes(wiki_shards, wiki_vocab
 def test_bad_inputs(wiki_shards, wiki_vocab, tmp_path):
     other = tmp_path / "other-vocab"
     shutil.copytree(wiki_vocab, other)
+    (other / "manifest.json").unlink()  # a vocabulary of its own (an HF directory): only the shards' hash tells
     with open(other / "vocab.txt", "a") as fh:
         fh.write("extra\n")
     proc = run(command(wiki_shards, other, tmp_path / "r1", "max_steps=2"))
@@ -188,13 +223,53 @@ def test_lr_warms_up_then_decays_polynomially_to_min_lr():
     from pipeline.config import load_config
     from pipeline.pretrain import PretrainConfig, lr_factor
 
-    cfg = load_config(PretrainConfig, "recipes/pretrain/bert-base-128.yaml", ["optim.min_lr=6.0e-5"])
-    warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, 6.0e-5 / cfg.optim.lr
+    cfg = load_config(PretrainConfig, None, ["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=100",
+                                            "optim.schedule=poly", "optim.power=0.5", "max_steps=1000"])
+    warmup, total, floor = 100, 1000, 0.1
     assert lr_factor(0, cfg) == 1 / warmup and lr_factor(warmup - 1, cfg) == 1.0
     middle = (warmup + total) // 2
-    expected = floor + (1 - floor) * ((total - middle) / (total - warmup)) ** cfg.optim.power
-    assert cfg.optim.schedule == "poly" and lr_factor(middle, cfg) == pytest.approx(expected)
+    expected = floor + (1 - floor) * ((total - middle) / (total - warmup)) ** 0.5
+    assert lr_factor(middle, cfg) == pytest.approx(expected)
     assert lr_factor(total, cfg) == pytest.approx(floor)
+
+
+def test_published_recipes_reproduce_their_schedules():
+    """NVIDIA's PolyWarmUpScheduler, google-research/bert's optimization.py and Izsak et al.'s time-based
+    schedule, written out independently of lr_factor."""
+    from pipeline.config import load_config
+    from pipeline.pretrain import PretrainConfig, lr_factor
+
+    def recipe(name: str) -> PretrainConfig:
+        return load_config(PretrainConfig, f"recipes/pretrain/{name}.yaml")
+
+    def nvidia(step: int, warmup: float, total: int) -> float:  # schedulers.py, last_epoch = step + 1
+        progress = (step + 1) / total
+        return progress / warmup if progress < warmup else (1.0 - progress) ** 0.5
+
+    for name, lr, batch, warmup, steps, seq in (("bert-large-128", 6e-3, 65536, 0.2843, 7038, 128),
+                                               ("bert-large-512", 4e-3, 32768, 0.128, 1563, 512),
+                                               ("bert-base-128", 6e-3, 65536, 0.2843, 7038, 128)):
+        cfg = recipe(name)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.data.global_batch, cfg.max_steps) == ("lamb", lr, batch, steps)
+        assert cfg.data.masking.max_predictions == seq * 5 // 32 and cfg.zero_stage == 0
+        for step in (s for s in (0, 1, 199, 200, 201, 1000, 1999, 2000, 2001, 5000, steps - 1) if s < steps):
+            assert lr_factor(step, cfg) == pytest.approx(nvidia(step, warmup, steps), abs=1e-12), (name, step)
+
+    def google(step: int) -> float:  # optimization.py: warmup from 0, polynomial_decay(power 1) over 1M steps
+        return step / 10_000 if step < 10_000 else 1.0 - step / 1_000_000
+
+    one, two = recipe("bert-base-paper-128"), recipe("bert-base-paper-512")
+    assert one.max_steps + two.max_steps == 1_000_000 and one.data.global_batch == two.data.global_batch == 256
+    assert (one.optim.name, one.optim.lr, two.optim.lr) == ("adamw", 1e-4, 1e-4)
+    for step in (0, 5000, 9999, 10_000, 500_000, 899_999):
+        assert lr_factor(step, one) == pytest.approx(google(step), abs=1e-12)
+    for step in (0, 50_000, 99_999):  # phase 2 continues phase 1's schedule
+        assert lr_factor(step, two) == pytest.approx(google(900_000 + step), abs=1e-12)
+
+    day = recipe("bert-large-24h")
+    assert (day.optim.lr, day.optim.betas, day.data.global_batch, day.model.nsp) == (1e-3, [0.9, 0.98], 4096, False)
+    for hours, expected in ((0.0, 0.0), (0.72, 0.5), (1.44, 1.0), (12.72, 0.5), (24.0, 0.0)):
+        assert lr_factor(123, day, hours) == pytest.approx(expected, abs=1e-12), hours
 
 
 @pytest.mark.slow
@@ -228,3 +303,18 @@ def test_a_non_finite_loss_stops_the_run_naming_step_batch_and_checkpoint(wiki_s
     assert re.search(micro_batch, errors[0]), errors[0]
     assert errors[0].endswith(f"last good checkpoint: step-{step - 1:08d}"), errors[0]
     assert not (run_dir / "export").exists()  # no export of a broken model
+
+
+@pytest.mark.slow
+def test_zero0_bf16_exports_the_fp32_master_weights(wiki_shards, wiki_vocab, tmp_path):
+    """ZeRO stage 0 under bf16/fp16 (NVIDIA's LAMB recipes): zero_to_fp32 has nothing to read, the masters are
+    the optimizer's; the export holds them, not the bf16 copies the model computes with."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "bf16"
+    proc = run(command(wiki_shards, wiki_vocab, run_dir, "max_steps=2", "zero_stage=0", "precision=bf16",
+                       "track.wandb=disabled"))
+    assert proc.returncode == 0, why(proc)
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    query = weights["bert.encoder.layer.0.attention.self.query.weight"]
+    assert query.dtype == torch.float32 and (query - query.bfloat16().float()).abs().max() > 0

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import shard_config
+from conftest import WIKI_SHARDS, shard_config
 
 from pipeline.corpus import Corpus, CorpusConfig, CorpusInput
 from pipeline.dataset import ShardSet
@@ -80,30 +80,73 @@ def test_shards_have_fixed_rows_and_a_manifest(wiki_shards, wiki_vocab):
     ShardSet(str(wiki_shards)).check_vocab(str(wiki_vocab))
 
 
+def _segments(t) -> set[tuple[int, ...]]:
+    """The A and B segments of every row, as token tuples."""
+    out = set()
+    for row in t["input_ids"].to_pylist():
+        sep = row.index(3)
+        out.update((tuple(row[1:sep]), tuple(row[sep + 1:-1])))
+    return out
+
+
+def test_held_out_documents_never_reach_training(wiki_shards):
+    t, manifest = table(wiki_shards)
+    held = manifest["eval"]
+    assert held["documents"] == 12 == len(set(held["doc_ids"])) and held["of_documents"] > 500
+    ev = pq.read_table([wiki_shards / s["name"] for s in held["shards"]])
+    assert ev.num_rows == held["rows"] >= 200 and held["shards"][0]["name"] == "eval.00000.parquet"
+    ids = set(held["doc_ids"])
+    eval_docs = set(ev["doc_a"].to_pylist()) | set(ev["doc_b"].to_pylist())
+    assert eval_docs == ids  # every held-out document, and nothing else, makes the eval split
+    labels = ev["next_sentence_label"].to_numpy()
+    assert 0.4 < (labels == 0).mean() < 0.6  # NotNext B segments come from other held-out documents
+    assert not (set(t["doc_a"].to_pylist()) | set(t["doc_b"].to_pylist())) & ids  # no A, no B in training
+    # nor does their text. Before, 57 of 320 A segments of the demo's eval shard were also training segments;
+    # now only boilerplate that other articles repeat is ("this article incorporates public domain material")
+    held_segments = {s for s in _segments(ev) if len(s) >= 8}
+    shared = held_segments & _segments(t)
+    assert len(shared) <= 0.01 * len(held_segments), (len(shared), len(held_segments))
+
+
+def test_held_out_split_size_follows_the_config_not_the_shard_size(wiki_files, wiki_vocab, tmp_path):
+    files = wiki_files[54:56]
+    small = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "a"), "rows_per_shard=300",
+                                      "eval_documents=0.1"))
+    large = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "b"), "rows_per_shard=100000",
+                                      "eval_documents=0.1", "workers=2"))
+    (a, ma), (b, mb) = table(Path(small)), table(Path(large))
+    assert ma["eval"]["documents"] == round(0.1 * ma["eval"]["of_documents"]) == mb["eval"]["documents"]
+    assert ma["eval"]["doc_ids"] == mb["eval"]["doc_ids"] and ma["eval"]["rows"] == mb["eval"]["rows"]
+    assert len(ma["shards"]) > 1 == len(mb["shards"]) and a.num_rows == b.num_rows
+    with pytest.raises(BertpipeError, match="needs at least two"):
+        build_shards(shard_config(files, wiki_vocab, str(tmp_path / "c"), "eval_documents=1"))
+
+
 def test_rerun_is_a_no_op(wiki_shards, wiki_files, wiki_vocab, caplog):
     stamp = (wiki_shards / "manifest.json").stat().st_mtime_ns
     with caplog.at_level("INFO"):
-        build_shards(shard_config(wiki_files[20:30], wiki_vocab, str(wiki_shards), "rows_per_shard=4096"))
+        build_shards(shard_config(wiki_files[20:30], wiki_vocab, str(wiki_shards), *WIKI_SHARDS))
     assert "up to date" in caplog.text and (wiki_shards / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard.*.parquet"))}
+    return {p.name: p.read_bytes() for p in sorted([*out.glob("shard.*.parquet"), *out.glob("eval.*.parquet")])}
 
 
 @pytest.mark.slow
 def test_one_and_two_workers_and_array_tasks_give_identical_shards(wiki_files, wiki_vocab, tmp_path):
     files = wiki_files[30:34]
-    one = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "w1"), "chunk_chars=300000"))
-    two = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "w2"), "chunk_chars=300000", "workers=2"))
-    cfg = shard_config(files, wiki_vocab, str(tmp_path / "tasks"), "chunk_chars=300000")
+    settings = ("chunk_chars=300000", "eval_documents=0.05")  # the held-out split is deterministic too
+    one = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "w1"), *settings))
+    two = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "w2"), *settings, "workers=2"))
+    cfg = shard_config(files, wiki_vocab, str(tmp_path / "tasks"), *settings)
     build_shards(cfg, task_index=1, num_tasks=2)
     with pytest.raises(BertpipeError, match=r"task\(s\) \[0\] of 2 have not finished"):
         build_shards(cfg, task_index=1, num_tasks=2, merge=True)
     build_shards(cfg, task_index=0, num_tasks=2)
     build_shards(cfg, task_index=0, num_tasks=2, merge=True)
     reference = _shard_bytes(Path(one))
-    assert len(reference) >= 2
+    assert len(reference) >= 3 and "eval.00000.parquet" in reference
     assert _shard_bytes(Path(two)) == reference
     assert _shard_bytes(tmp_path / "tasks") == reference
 
@@ -119,11 +162,13 @@ def _check_no_partial_files(root: Path) -> None:
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_rerun_is_byte_identical(wiki_files, wiki_vocab, tmp_path):
     files = wiki_files[34:54]
-    reference = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "ref"), "chunk_chars=250000"))
+    reference = build_shards(shard_config(files, wiki_vocab, str(tmp_path / "ref"), "chunk_chars=250000",
+                                          "eval_documents=20"))
     out = tmp_path / "killed"
     inputs = ",".join(f"{{path: '{f}'}}" for f in files)
     cmd = [os.path.join(os.path.dirname(sys.executable), "bertpipe"), "shard", f"corpus.inputs=[{inputs}]",
-           f"vocab_dir={wiki_vocab}", f"output_dir={out}", "chunk_chars=250000", "--workers", "2", "--quiet"]
+           f"vocab_dir={wiki_vocab}", f"output_dir={out}", "chunk_chars=250000", "eval_documents=20",
+           "--workers", "2", "--quiet"]
     rng = random.Random(7)
     kills = 0
     for _ in range(3):

@@ -123,7 +123,7 @@ def test_a_two_node_job_runs_a_rank_per_node_and_requeues_to_finish_exactly(slur
 
 def test_submit_pipeline_runs_the_demo_as_chained_jobs_that_all_complete(slurm, data, tmp_path):
     """slurm/submit_pipeline.sh on the demo profile (shorter: 60 steps, 600 examples) with pretraining on two
-    nodes: every job COMPLETED, every stage's output in place, one log per job, the leaderboard ranks the four
+    nodes: every job COMPLETED, every stage's output in place, one log per job, the leaderboard ranks the five
     runs."""
     import subprocess
 
@@ -151,12 +151,38 @@ def test_submit_pipeline_runs_the_demo_as_chained_jobs_that_all_complete(slurm, 
     assert max(train_losses(build / "pretrain")) == 60
     start = next(r for r in read_metrics(build / "pretrain") if r["event"] == "start")
     assert start["world_size"] == 2 and start["nodes"] == 2  # one rank on each node
-    runs = ["sst2", "sst2-lstm", "sst2-bilstm", "sst2-gru"]
+    runs = ["sst2", "sst2-bert-scratch", "sst2-lstm", "sst2-bilstm", "sst2-gru"]
     for run in runs:
         assert (build / "runs" / run / "results.json").is_file(), run
     board = (build / "runs" / "leaderboard.md").read_text()
-    assert sum(f"| {run} |" in board for run in runs) == 4, board
-    assert len(logs) == 9  # vocab, the shard task, merge, pretrain, the finetune task, 3 baselines, leaderboard
+    assert sum(f"| {run} |" in board for run in runs) == 5, board
+    assert len(logs) == 10  # vocab, the shard task, merge, pretrain, the finetune task, 4 baselines, leaderboard
+
+
+def test_probes_run_as_slurm_jobs_chained_one_after_another(slurm, wiki_shards, wiki_vocab, tmp_path):
+    """probe.mode=slurm: pretraining submits slurm/probe.sbatch per probe step, each after the one before, and
+    goes on; the jobs finish after it and log their own lines, once each."""
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    probe = ["probe.every=2", "probe.mode=slurm", "probe.sbatch_args=[--cpus-per-task=1]",
+             "probe.overrides=[task.max_train=100,task.max_eval=100,task.max_len=32,trainer.max_epochs=1,"
+             "trainer.checkpoint=false,track.wandb=disabled,trainer.accelerator=cpu]"]
+    cmd = [str(BIN / "bertpipe"), "pretrain", "--config", str(ROOT / "recipes/pretrain/tiny-cpu.yaml"),
+           *pretrain_overrides(wiki_shards, wiki_vocab, run_dir).replace("max_steps=150", "max_steps=4").split(),
+           *probe]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=slurm.env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = [line.rsplit(" ", 1)[1] for line in proc.stderr.splitlines() if ": SLURM job " in line]
+    assert len(jobs) == 2, proc.stderr[-2000:]
+    dependency = slurm.job(jobs[1]).get("Dependency", "")
+    assert f"afterany:{jobs[0]}" in dependency or dependency == "(null)"  # (null) once the first has finished
+    states = slurm.wait(jobs, timeout=900)
+    probes = run_dir / "probes"
+    assert states == dict.fromkeys(jobs, "COMPLETED"), _tails(probes / "step-00000002")
+    lines = [r for r in read_metrics(run_dir) if r["event"] == "probe"]
+    assert sorted(r["step"] for r in lines) == [2, 4] and all(r["recipe"] == "sst2" for r in lines)
+    assert (probes / "step-00000004" / "probe.json").is_file() and (probes / "step-00000004" / "logged").exists()
 
 
 def _tails(logs: Path) -> str:
@@ -179,7 +205,7 @@ def test_submit_pipeline_dry_run_asks_for_the_cluster_it_is_given(tmp_path):
     pretrain = lines["pretrain"]
     assert "--nodes=2 --ntasks-per-node=8 --gres=gpu:8" in pretrain and "--time=12:00:00" in pretrain
     assert "--dependency=afterok:<shard-merge>" in pretrain and "--gres=gpu:1" in lines["finetune"]
-    assert "--dependency=afterok:<vocab>" in lines["baselines"] and "--array=0-2" in lines["baselines"]
+    assert "--dependency=afterok:<vocab>" in lines["baselines"] and "--array=0-3" in lines["baselines"]
     assert "task.name=word_order" in lines["finetune"]  # no SST-2 in this DATA_DIR: the offline task
     assert "--dependency=afterok:<finetune>:<baselines>" in lines["leaderboard"]
     bad = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "--nodes"], capture_output=True, text=True)

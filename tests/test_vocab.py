@@ -86,7 +86,8 @@ def test_cased_vocabulary_with_unused_slots(wiki_files, tmp_path):
     tok = load_tokenizer(out)
     vocab = (out / "vocab.txt").read_text().splitlines()
     assert vocab[5:15] == [f"[unused{i}]" for i in range(10)] and len(vocab) == 6000
-    assert special_ids(tok).first_regular == 15
+    ids = special_ids(tok)
+    assert ids.num_unused == 10 and ids.regular_ids[0] == 15 and ids.reserved == list(range(15))
     ids = tok.encode("The United States").ids
     assert tok.decode(ids) == "The United States"  # case kept
     assert not any(5 <= i < 15 for i in tok.encode("unused tokens [unused] never appear").ids)

@@ -1,38 +1,55 @@
-"""BERT's WordPiece tokenizer, trained and saved with HF `tokenizers`.
+"""BERT's WordPiece tokenizer, trained and saved with HF `tokenizers`, and loaded from any BERT directory.
 
-The special tokens sit at fixed ids 0-4 ([PAD] [UNK] [CLS] [SEP] [MASK]), then any [unusedN] slots, then
-the learned pieces; the saved directory loads with `transformers.BertTokenizerFast.from_pretrained`.
+A vocabulary trained here puts the special tokens at ids 0-4 ([PAD] [UNK] [CLS] [SEP] [MASK]), then any
+[unusedN] slots, then the learned pieces; the saved directory loads with
+`transformers.BertTokenizerFast.from_pretrained`. Loading takes any layout: special tokens are found by name
+wherever they sit (Google's published vocabularies have [PAD]=0, [unused0..98]=1-99, [UNK]=100, [CLS]=101,
+[SEP]=102, [MASK]=103, [unused99..] after), and a directory that ships only vocab.txt gets BERT's
+normalization and pre-tokenization around it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+log = logging.getLogger(__name__)
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MODEL_MAX_LENGTH = 512
+_UNUSED = re.compile(r"\[unused\d+\]")
 
 
 @dataclass(frozen=True)
 class SpecialIds:
+    """Where a vocabulary keeps its special tokens, and which ids are ordinary pieces.
+
+    `regular[i]` is False for the five specials, every [unusedN] slot (wherever it sits) and any other special
+    token the tokenizer declares: those are never chosen for masking nor drawn as random replacements.
+    """
+
     pad: int
     unk: int
     cls: int
     sep: int
     mask: int
     vocab_size: int
-    num_unused: int  # [unusedN] slots right after the specials; never produced by encoding plain text
+    num_unused: int  # [unusedN] slots anywhere in the vocabulary; never produced by encoding text
+    regular: np.ndarray = field(compare=False, repr=False)  # bool per id
+    regular_ids: np.ndarray = field(compare=False, repr=False)  # the ids where `regular` is True, ascending
 
     @property
-    def first_regular(self) -> int:
-        """The first id a random-token replacement may draw (after specials and unused slots)."""
-        return len(SPECIAL_TOKENS) + self.num_unused
+    def reserved(self) -> list[int]:
+        """Every id that is not an ordinary piece (specials and unused slots), ascending."""
+        return np.flatnonzero(~self.regular).tolist()
 
 
 def _empty_tokenizer(lowercase: bool, strip_accents: bool | None) -> Tokenizer:
@@ -173,22 +190,84 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, *, lowercase: bool, stri
 
 
 def load_tokenizer(vocab_dir: str | Path) -> Tokenizer:
-    """The fast tokenizer of a vocab directory, with padding and truncation off."""
-    path = Path(vocab_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {vocab_dir} (run `bertpipe vocab` first)")
-    tok = Tokenizer.from_file(str(path))
+    """The fast tokenizer of a vocab directory (bertpipe's or any HF BERT's), padding and truncation off.
+
+    `tokenizer.json` when the directory has one; else `vocab.txt` with BERT's normalization and pre-tokenization,
+    lowercased as `tokenizer_config.json` says (`do_lower_case`, `strip_accents`, `tokenize_chinese_chars`) or,
+    without one, when no entry of the vocabulary changes under lowercasing (the choice is logged).
+
+    Special tokens written in the text ("[MASK]", "[CLS]", "[unused5]") are encoded as the ordinary text they
+    are, never as special ids, as Google's original tokenizer does: a corpus or a task cannot inject them.
+    """
+    directory = Path(vocab_dir)
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    elif (directory / "vocab.txt").is_file():
+        tok = _from_vocab_txt(directory)
+    elif directory.is_dir():
+        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {vocab_dir} (run `bertpipe vocab` first)")
+    else:
+        raise FileNotFoundError(f"vocab directory not found: {vocab_dir} (run `bertpipe vocab` first)")
     tok.no_padding()
     tok.no_truncation()
+    tok.encode_special_tokens = True
+    return tok
+
+
+def _from_vocab_txt(directory: Path) -> Tokenizer:
+    """BERT's tokenizer around a bare vocab.txt, as `transformers.BertTokenizerFast` builds it."""
+    lines = (directory / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = {}
+    for i, token in enumerate(lines):
+        vocab.setdefault(token, i)  # a duplicate line keeps its first id, as BERT's load_vocab does
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"{directory / 'vocab.txt'} lacks the special token(s) {', '.join(missing)}")
+    config_path = directory / "tokenizer_config.json"
+    config = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"{config_path}: not JSON: {err}") from None
+    if "do_lower_case" in config:
+        lowercase = bool(config["do_lower_case"])
+    else:
+        cased = sum(1 for t in vocab if not t.startswith("[") and t != t.lower())
+        lowercase = cased == 0
+        log.info("%s: vocab.txt without a tokenizer_config.json stating do_lower_case: %s, since %s",
+                 directory, "lowercasing (uncased)" if lowercase else "keeping case (cased)",
+                 "none of its entries has an uppercase letter" if lowercase
+                 else f"{cased} of its entries have uppercase letters")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+        strip_accents=config.get("strip_accents"), lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     return tok
 
 
 def special_ids(tok: Tokenizer) -> SpecialIds:
-    """The ids of the special tokens, checked to be BERT's fixed layout."""
-    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
-    if ids != list(range(len(SPECIAL_TOKENS))):
-        raise ValueError(f"special tokens are not at ids 0-4: {dict(zip(SPECIAL_TOKENS, ids, strict=True))}")
-    unused = 0
-    while tok.token_to_id(f"[unused{unused}]") is not None:
-        unused += 1
-    return SpecialIds(*ids, vocab_size=tok.get_vocab_size(with_added_tokens=True), num_unused=unused)
+    """The ids of the special tokens, found by name, and the mask of ordinary pieces."""
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"the vocabulary lacks the special token(s) {', '.join(missing)}")
+    vocab = tok.get_vocab(with_added_tokens=True)
+    size = max(vocab.values()) + 1
+    regular = np.ones(size, dtype=bool)
+    present = np.zeros(size, dtype=bool)
+    present[list(vocab.values())] = True
+    regular &= present  # an id no token names (a gap) is never drawn
+    unused = [i for t, i in vocab.items() if _UNUSED.fullmatch(t)]
+    declared = [i for i, added in tok.get_added_tokens_decoder().items() if added.special]
+    regular[[*ids.values(), *unused, *declared]] = False
+    return SpecialIds(*ids.values(), vocab_size=size, num_unused=len(unused), regular=regular,
+                      regular_ids=np.flatnonzero(regular))

@@ -1,14 +1,15 @@
 # The demo pipeline: what `make demo` and `slurm/submit_pipeline.sh recipes/pipeline/demo.sh` run, on the CPU.
 # Python's own documentation (embedded, no download) -> a 4k vocabulary -> seq-128 shards -> a tiny BERT
-# (L2/H128, 300 steps) -> fine-tuned on sentiment beside LSTM, BiLSTM and GRU baselines -> the leaderboard.
+# (L2/H128, 300 steps) -> fine-tuned on sentiment beside the same BERT from random initialization and LSTM,
+# BiLSTM and GRU baselines -> the leaderboard.
 # Sourced by bash with DATA_DIR set; every variable may be preset in the environment.
 VOCAB_CONFIG=${VOCAB_CONFIG:-recipes/vocab/demo.yaml}
 SHARD_CONFIG=${SHARD_CONFIG:-recipes/shard/demo.yaml}
 SHARD_TASKS=${SHARD_TASKS:-1}
 PRETRAIN_CONFIG=${PRETRAIN_CONFIG:-recipes/pretrain/tiny-cpu.yaml}
 FINETUNE_CONFIGS=${FINETUNE_CONFIGS:-recipes/finetune/sst2.yaml}
-BASELINE_CONFIGS=${BASELINE_CONFIGS:-recipes/baselines/sst2-lstm.yaml recipes/baselines/sst2-bilstm.yaml \
-recipes/baselines/sst2-gru.yaml}
+BASELINE_CONFIGS=${BASELINE_CONFIGS:-recipes/baselines/sst2-bert-scratch.yaml recipes/baselines/sst2-lstm.yaml \
+recipes/baselines/sst2-bilstm.yaml recipes/baselines/sst2-gru.yaml}
 CORPUS_FILES=${CORPUS_FILES:-}  # the vocab and shard configs read the embedded corpus: no file to watch
 PRETRAIN_OVERRIDES=${PRETRAIN_OVERRIDES:-track.wandb=offline}
 # SST-2 when the data directory has it; else the word-order task built offline from the embedded corpus
