@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import signal
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
@@ -255,6 +256,13 @@ class PretrainingStream(IterableDataset):
             index += workers
 
 
+def _leave_signals_to_the_trainer(_worker: int) -> None:
+    """SLURM signals every process of a job (USR1 before the time limit, TERM on preemption or scancel), loader
+    workers included: they ignore both, so the training process checkpoints, then ends them itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PretrainingLoader:
     """This rank's share of the global order, as masked micro-batches; state_dict() is the position reached.
 
@@ -306,6 +314,7 @@ class PretrainingLoader:
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
                             pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
+                            worker_init_fn=_leave_signals_to_the_trainer,
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.consumed += 1
