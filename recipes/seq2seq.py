@@ -200,6 +200,14 @@ class Seq2seq(nn.Module):
             self.combine = nn.Linear(hidden + memory_dim, hidden)
         self.dropout = nn.Dropout(rnn.dropout)
         self.head = nn.Linear(hidden, tgt_vocab)
+        self.register_buffer("never", torch.zeros(tgt_vocab, dtype=torch.bool), persistent=False)
+
+    def never_generate(self, target: WordPieceEncoder) -> Seq2seq:
+        """Keep decoding off the target vocabulary's specials and [unusedN] slots, wherever its layout has them
+        (Google's reserves about a thousand ids); [UNK] and the end token stay."""
+        self.never.zero_()
+        self.never[sorted(set(target.special.reserved) - {target.unk_id, target.suffix[0]})] = True
+        return self
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
         mask = attention_mask.bool()
@@ -292,7 +300,7 @@ class Seq2seq(nn.Module):
         limit = torch.tensor(limits, device=token.device)
         for t in range(max(limits)):
             logits, state, _ = self.step(token, state, enc)
-            token = logits.argmax(-1)
+            token = logits.masked_fill(self.never, -math.inf).argmax(-1)
             steps.append(token)
             done |= (token == eos) | (t + 1 >= limit)
             if done.all():
@@ -321,7 +329,7 @@ class Seq2seq(nn.Module):
         done = [False] * batch
         for t in range(max(limits)):
             logits, state, _ = self.step(token, state, enc)
-            logp = F.log_softmax(logits.float(), -1)
+            logp = F.log_softmax(logits.float().masked_fill(self.never, -math.inf), -1)
             vocab = logp.size(-1)
             total = (scores.view(-1, 1) + logp).view(batch, k * vocab)
             top_scores, top_index = total.topk(min(2 * k, k * vocab), dim=-1)  # 2k: k survive even if k end here
@@ -512,7 +520,7 @@ def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
     meta = {"rnn": dataclasses.asdict(r), "seq2seq": dataclasses.asdict(s), "src_vocab_size": source.vocab_size,
             "tgt_vocab_size": target.vocab_size, "src_pad": source.pad_id, "tgt_pad": target.pad_id,
             "bert_config": bert_config}
-    return Built(net, PairEncoder(source, target), meta, describe, inputs)
+    return Built(net.never_generate(target), PairEncoder(source, target), meta, describe, inputs)
 
 
 def task_module(built: Built, spec: TaskSpec, cfg: FinetuneConfig) -> TranslationModule:
@@ -531,7 +539,8 @@ def restore(meta: dict, directory: Path) -> tuple[nn.Module, PairEncoder]:
         bert = BertModel(BertConfig(**meta["bert_config"]))
     net = Seq2seq(meta["src_vocab_size"], meta["tgt_vocab_size"], meta["src_pad"], meta["tgt_pad"],
                   RnnConfig(**meta["rnn"]), Seq2seqConfig(**meta["seq2seq"]), bert)
-    return net, PairEncoder.load(directory)
+    encoder = PairEncoder.load(directory)
+    return net.never_generate(encoder.target), encoder
 
 
 # ---- bertpipe translate ----------------------------------------------------------------------------------

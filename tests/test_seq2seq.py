@@ -136,6 +136,26 @@ def test_beam_1_is_greedy_on_untrained_networks_up_to_the_length_limit(vocabs, d
     assert all(len(ids) <= 12 for ids in greedy) and all(len(ids) <= 12 for ids in beam)
 
 
+def test_decoding_over_googles_vocabulary_never_produces_a_reserved_piece(vocabs, data, minilm):
+    """A target vocabulary in Google's layout ([unused0..98] at 1-99, [CLS] 101, [MASK] 103, [unused99..]
+    after): with the head pushed towards every reserved id, greedy and beam search still pick none of them."""
+    google = WordPieceEncoder(minilm)
+    en = WordPieceEncoder(vocabs["en"])
+    torch.manual_seed(0)
+    net = Seq2seq(en.vocab_size, google.vocab_size, en.pad_id, google.pad_id,
+                  RnnConfig(cell="gru", hidden=32, embed_dim=16), Seq2seqConfig(attention="luong")).eval()
+    reserved = sorted(set(google.special.reserved) - {google.unk_id, google.suffix[0]})
+    assert len(reserved) > 990 and {101, 103, 1, 99} <= set(reserved)
+    with torch.no_grad():
+        net.head.bias[reserved] = 50.0  # the most likely pieces, unless they are banned
+    batch, _ = real_batch(vocabs, data)
+    args = (batch["input_ids"], batch["attention_mask"], google.prefix[0], google.suffix[0])
+    assert all(set(row) & set(reserved) for row in net.greedy(*args, max_new_tokens=8))  # the test can fail
+    net.never_generate(google)
+    for rows in (net.greedy(*args, max_new_tokens=8), net.beam_search(*args, beam=3, max_new_tokens=8)):
+        assert rows and not any(set(row) & set(reserved) for row in rows)
+
+
 # ---- attention --------------------------------------------------------------------------------------------
 
 
