@@ -23,9 +23,11 @@ import shutil
 import signal
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 import yaml
@@ -35,7 +37,7 @@ from pipeline.artifacts import claim, mark, os_reason, owner, sha256_json, write
 from pipeline.checkpoint import CheckpointManager
 from pipeline.collate import MaskingConfig, MLMCollator, continuation_flags
 from pipeline.config import check_all, to_dict
-from pipeline.dataset import PretrainingLoader, ShardSet
+from pipeline.dataset import MASKING, PretrainingLoader, RowRandom, ShardSet, sample_keys
 from pipeline.distributed import Dist, agree, all_sum, any_rank, barrier, init_distributed, placement
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import MODEL_CONFIG, consolidated_state, export_hf, load_weights, read_config
@@ -653,13 +655,19 @@ class HeldOut:
         if cfg.eval_batches:
             self.passes = min(self.passes, cfg.eval_batches)
 
+    def _batches(self) -> Iterator[dict]:
+        """This rank's rows of the split (every world_size-th from its rank: rank 0 has the most), in order,
+        masked alike every time (draws keyed per row)."""
+        mine = np.arange(self.dist.rank, self.shards.rows, self.dist.world_size)
+        for start in range(0, len(mine), self.cfg.data.micro_batch):
+            rows = mine[start:start + self.cfg.data.micro_batch]
+            ids, types, labels = self.shards.fetch(rows.tolist())
+            yield self.collator(ids, types, labels, RowRandom(sample_keys(self.cfg.seed + 1, rows, MASKING)))
+
     @torch.no_grad()
     def __call__(self, engine) -> dict:
         cfg, dist = self.cfg, self.dist
-        loader = PretrainingLoader(self.shards, self.collator, cfg.data.micro_batch, rank=dist.rank,
-                                   world_size=dist.world_size, workers=0, seed=cfg.seed + 1, shuffle_buffer=1,
-                                   epochs=1)
-        batches, spare = iter(loader), None
+        batches, spare = self._batches(), None
         inputs_of = _to_device(dist.device)
         sums = torch.zeros(6, dtype=torch.float64, device=dist.device)
         engine.eval()
