@@ -54,11 +54,11 @@ def main(root: Path) -> None:
             engine.backward(out.loss)
             engine.step()
             manager = CheckpointManager(run, 1, dist.rank, dist.world_size)
-            tag = manager.save(engine, 1, {"torch_rng": torch.get_rng_state()}, {"zero_stage": stage,
+            tag = manager.save(engine, 1, {"loader": {"position": 2}}, {"zero_stage": stage,
                                                                                   "precision": precision})
             before = {k: v.float().clone() for k, v in engine.module.state_dict().items()} if stage < 3 else None
             fresh = engine_for(stage, precision, seed=2)  # other weights, until the checkpoint is loaded
-            state = manager.load(fresh, tag)
+            state = manager.load(fresh, tag, manager.check(tag, dist.world_size, stage))
             consolidated = consolidated_state(manager.root, tag)
             record = {"stage": stage, "precision": precision, "step": state["step"], "tensors": len(consolidated),
                       "files": sorted(p.name for p in (manager.root / tag).iterdir())}

@@ -403,10 +403,10 @@ def test_a_resume_applies_a_new_lr_records_it_and_trims_the_metrics(zero1_run, w
     assert [r["step"] for r in train] == list(range(1, 7))  # steps 3 and 4 once, not twice
     new = load_config(PretrainConfig, ROOT / "recipes/pretrain/tiny-cpu.yaml", ["max_steps=6", "optim.lr=3e-3"])
     old = load_config(PretrainConfig, ROOT / "recipes/pretrain/tiny-cpu.yaml", ["max_steps=4"])
-    for r in train:  # the LR in the optimizer after each step: the old schedule up to 2, the new one after
+    for r in train:  # the LR each step used: the old schedule up to step 2, the new one after the resume
         cfg = old if r["step"] <= 2 else new
-        assert r["lr"] == pytest.approx(cfg.optim.lr * lr_factor(r["step"], cfg), rel=1e-6), r
-    assert train[2]["lr"] > 2 * old.optim.lr * lr_factor(3, old)
+        assert r["lr"] == pytest.approx(cfg.optim.lr * lr_factor(r["step"] - 1, cfg), rel=1e-6), r
+    assert train[2]["lr"] > 2 * old.optim.lr * lr_factor(2, old)
     (resume,) = [r for r in read_metrics(run_dir) if r["event"] == "resume"]
     assert resume["step"] == 2 and resume["changes"] == {"max_steps": [4, 6], "optim.lr": [0.001, 0.003]}
     import yaml
