@@ -44,6 +44,7 @@ from pipeline.errors import BertpipeError
 log = logging.getLogger(__name__)
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch honours it even over an explicit weights_only=False
+_depth = 0  # how many weights_only() contexts are open
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -60,12 +61,18 @@ def deepspeed_safe_globals() -> list[type]:
 def weights_only() -> Iterator[None]:
     """Every torch.load inside is weights-only, whatever its caller passes, with DeepSpeed's few classes
     allowed: the one place through which every checkpoint load goes."""
+    global _depth
+    if _depth:  # nested (DeepSpeed's engine loads through load_file inside an outer weights_only()): torch's
+        yield   # safe_globals is a set, so an inner exit would remove the classes from the outer context too
+        return
     saved = os.environ.get(FORCE_WEIGHTS_ONLY)
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    _depth += 1
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             yield
     finally:
+        _depth -= 1
         if saved is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
         else:

@@ -347,12 +347,12 @@ def _preflight(cfg: PretrainConfig, dist: Dist, checkpoints: CheckpointManager) 
         raise BertpipeError(f"{cfg.data.vocab_dir}: {err}") from None
     every = ShardSet(cfg.data.shards)
     every.check_vocab(cfg.data.vocab_dir)
+    model = _build_model(cfg, special.vocab_size, every.max_seq_len)  # its vocabulary against the shards' too
+    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
     train_set, eval_set = _splits(cfg, every)
     every.check_files(range(dist.rank, len(every.shards), dist.world_size))  # the ranks share the hashing
     if eval_set is not None and not cfg.data.eval_shards:  # the held-out split: its own shards
         eval_set.check_files(range(dist.rank, len(eval_set.shards), dist.world_size))
-    ds_config = deepspeed_config(cfg, dist.world_size, dist.device.type == "cuda")
-    model = _build_model(cfg, special.vocab_size, every.max_seq_len)
     setup = _Setup(tokenizer, special, every, train_set, eval_set, model, ds_config)
     setup.tag = checkpoints.latest() if state == "ours" else None
     if setup.tag:

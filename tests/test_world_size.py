@@ -44,8 +44,11 @@ def launch_two_nodes(shards: Path, vocab: Path, run_dir: Path, *overrides: str) 
 
 
 def resume_elsewhere(source: Path, run_dir: Path, tag: str = "step-00000002") -> Path:
-    """A new run directory holding `source`'s checkpoint `tag`: a job moved to another allocation."""
+    """A new run directory holding `source`'s checkpoint `tag`, its marker and its config: a job moved to another
+    allocation."""
     (run_dir / "checkpoints").mkdir(parents=True)
+    for name in ("bertpipe.json", "config.yaml", "model_config.json"):
+        shutil.copy2(source / name, run_dir / name)
     shutil.copytree(source / "checkpoints" / tag, run_dir / "checkpoints" / tag)
     (run_dir / "checkpoints" / "latest").write_text(tag + "\n")
     return run_dir
