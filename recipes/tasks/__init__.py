@@ -1,23 +1,31 @@
-"""Downstream tasks: file readers, the task registry, text encoders, label alignment and the data module.
+"""Downstream tasks: the task registry, text encoders, label alignment, pair encoding and the data module.
 
-Everything here is model-agnostic: a model kind supplies a `TextEncoder` (BERT's WordPiece here; a word-level
-vocabulary for the RNN baselines) and gets padded batches back. Readers check every line and fail with the
-file and line number, so a broken input stops a run before any training starts.
+Readers live in one module per task family, each checking every line and failing with the file and line
+number, so a broken input stops a run before any training starts:
 
-Batches: `input_ids`, `attention_mask`, `token_type_ids` (B, S), and per task kind either `labels` (B,)
-("classify") or `word_starts` and `tags` (B, W) ("tag"): the position of each word's first piece (-1 when the
-word was cut off by `max_len`) and the word's tag (-100 on padding). Only first pieces carry a label; the
-other pieces of a word are ignored, as in BERT's NER setup.
+    text.py          single texts to classify: SST-2, sentence polarity, word order
+    tagging.py       a tag per word: CoNLL-2003 NER, UD POS
+    glue.py          GLUE's TSVs: CoLA, MRPC, RTE, WNLI, STS-B; sentence pairs and their encoding
+    translation.py   line-aligned parallel text: Multi30k
+    autoencoding.py  what the autoencoders rebuild: digits, corpus sentences
+
+Everything is model-agnostic: a model kind supplies a `TextEncoder` (BERT's WordPiece here; a word-level
+vocabulary for the RNN baselines) and gets padded batches back. Every name the readers define is importable
+from `recipes.tasks`.
+
+Batches: `input_ids`, `attention_mask`, `token_type_ids` (B, S; token types 1 on a pair's second segment),
+and per task kind either `labels` (B,): label ids ("classify") or scores ("regress"); or `word_starts` and
+`tags` (B, W) ("tag"): the position of each word's first piece (-1 when the word was cut off by `max_len`)
+and the word's tag (-100 on padding). Only first pieces carry a label; the other pieces of a word are
+ignored, as in BERT's NER setup.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
-import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,16 +38,28 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import TOKENIZER_FILES
+from recipes.tasks.autoencoding import DIGITS, SENTENCE_WORDS, ImageExample, read_digits, read_sentences
+from recipes.tasks.files import label_id, read_lines
+from recipes.tasks.glue import GLUE_TASKS, TextPairExample, encode_pairs, read_glue, truncate_pair
+from recipes.tasks.tagging import NER_TAGS, UPOS_TAGS, TaggedExample, read_conll, read_conllu
+from recipes.tasks.text import TextExample, read_labelled_tsv, read_polarity, read_word_order, split_words
+from recipes.tasks.translation import PairExample, read_pairs
 
-NER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
-UPOS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
-             "SCONJ", "SYM", "VERB", "X")
+__all__ = [
+    "DIGITS", "GLUE_TASKS", "NER_TAGS", "SENTENCE_WORDS", "SPLITS", "TASKS", "UPOS_TAGS", "Collator", "ImageExample",
+    "PairExample", "TaggedExample", "TaskConfig", "TaskDataModule", "TaskSpec", "TextEncoder", "TextExample",
+    "TextPairExample", "WordPieceEncoder", "align_words", "encode", "encode_pairs", "encode_text", "get_task",
+    "input_files", "label_id", "read_conll", "read_conllu", "read_digits", "read_glue", "read_labelled_tsv",
+    "read_lines", "read_pairs", "read_polarity", "read_sentences", "read_splits", "read_word_order", "split_words",
+    "truncate_pair",
+]
 SPLITS = ("train", "dev", "test")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "sst2"  # sst2 | rt_polarity | conll2003 | ud_pos | word_order | multi30k | digits | sentences
+    name: str = "sst2"  # a key of TASKS: sst2 | rt_polarity | conll2003 | ud_pos | word_order | multi30k | digits
+    # | sentences | cola | mrpc | stsb | rte | wnli
     data_dir: str = "${oc.env:DATA_DIR,../shared/data}"
     train: str = ""  # file (or, for rt_polarity, the path without .pos/.neg) of each split; "" or null = none
     dev: str | None = ""
@@ -59,198 +79,7 @@ class TaskConfig:
             raise ValueError("task.max_len must be at least 4")
 
 
-# ---- examples and readers -------------------------------------------------------------------------------
-
-
-@dataclass
-class TextExample:
-    text: str
-    label: int
-
-
-@dataclass
-class TaggedExample:
-    words: list[str]
-    tags: list[int]
-
-
-@dataclass
-class PairExample:
-    source: str
-    target: str
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text without the newline), gunzipped for `.gz`; a missing file, a broken gzip stream or
-    invalid UTF-8 names the file and line."""
-    if not path.is_file():
-        raise BertpipeError(f"{path}: file not found (set task.data_dir or DATA_DIR)")
-    number = 0
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
-        try:
-            for number, raw in enumerate(fh, 1):
-                try:
-                    yield number, raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as err:
-                    raise BertpipeError(f"{path}:{number}: invalid UTF-8 at byte {err.start}") from None
-        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-            raise BertpipeError(f"{path}:{number + 1}: cannot read: {err}") from None
-
-
-def _index(value: str, labels: tuple[str, ...], where: str) -> int:
-    try:
-        return labels.index(value)
-    except ValueError:
-        raise BertpipeError(f"{where}: unknown label {value!r} (expected one of {', '.join(labels)})") from None
-
-
-def read_labelled_tsv(path: Path, spec: TaskSpec) -> list[TextExample]:
-    """A header naming a `label` column and one text column, then `label<TAB>text` rows; labels are indices."""
-    examples, label_col = [], None
-    for number, line in _lines(path):
-        fields = line.split("\t")
-        if label_col is None:
-            if len(fields) != 2 or "label" not in fields:
-                raise BertpipeError(f"{path}:{number}: expected a header of two tab-separated columns, one of them "
-                                    f"'label', found {line[:80]!r}")
-            label_col = fields.index("label")
-            continue
-        if len(fields) != 2:
-            raise BertpipeError(f"{path}:{number}: expected 2 tab-separated fields (label and text), "
-                                f"found {len(fields)}")
-        raw, text = fields[label_col], fields[1 - label_col]
-        if not raw.isdigit() or int(raw) >= len(spec.labels):
-            raise BertpipeError(f"{path}:{number}: label {raw!r} is not one of 0..{len(spec.labels) - 1}")
-        examples.append(TextExample(text.strip(), int(raw)))
-    return examples
-
-
-def read_polarity(path: Path, spec: TaskSpec) -> list[TextExample]:
-    """Sentence polarity v1.0: one sentence a line; the label is the file's suffix (.neg or .pos)."""
-    label = _index({".neg": "negative", ".pos": "positive"}.get(path.suffix, path.suffix), spec.labels, str(path))
-    return [TextExample(line.strip(), label) for _, line in _lines(path) if line.strip()]
-
-
-def read_conll(path: Path, spec: TaskSpec) -> list[TaggedExample]:
-    """CoNLL-2003: `token POS chunk TAG` a line (the tag is the last column), a blank line between sentences.
-
-    Every token line must have as many columns as the file's first one.
-    """
-    examples, words, tags, width = [], [], [], None
-    for number, line in _lines(path):
-        fields = line.split()
-        if not fields or fields[0] == "-DOCSTART-":
-            if words:
-                examples.append(TaggedExample(words, tags))
-                words, tags = [], []
-            continue
-        width = width or len(fields)
-        if len(fields) != width or width < 2:
-            raise BertpipeError(f"{path}:{number}: expected {max(width, 2)} space-separated columns "
-                                f"(token ... tag), found {len(fields)}")
-        words.append(fields[0])
-        tags.append(_index(fields[-1], spec.labels, f"{path}:{number}"))
-    if words:
-        examples.append(TaggedExample(words, tags))
-    return examples
-
-
-def read_conllu(path: Path, spec: TaskSpec) -> list[TaggedExample]:
-    """CoNLL-U: 10 tab-separated columns, the UPOS tag in column 4; multiword-token ranges (1-2) and empty
-    nodes (8.1) are skipped, so the words are the syntactic words the tags belong to."""
-    examples, words, tags = [], [], []
-    for number, line in _lines(path):
-        if line.startswith("#"):
-            continue
-        if not line.strip():
-            if words:
-                examples.append(TaggedExample(words, tags))
-                words, tags = [], []
-            continue
-        fields = line.split("\t")
-        if len(fields) != 10:
-            raise BertpipeError(f"{path}:{number}: expected 10 tab-separated CoNLL-U columns, found {len(fields)}")
-        if "-" in fields[0] or "." in fields[0]:
-            continue
-        if not fields[0].isdigit():
-            raise BertpipeError(f"{path}:{number}: token id {fields[0]!r} is not a number")
-        words.append(fields[1])
-        tags.append(_index(fields[3], spec.labels, f"{path}:{number}"))
-    if words:
-        examples.append(TaggedExample(words, tags))
-    return examples
-
-
-def read_pairs(path: Path, spec: TaskSpec) -> list[PairExample]:
-    """Line-aligned parallel text: `<path><suffix>` per side (`train.en.gz`, `train.de.gz`), the source side
-    first, line n of one the translation of line n of the other; both must have the same number of lines and no
-    empty line, else the error names the file and line where the alignment breaks."""
-    files = spec.files(path)
-    sides = [[(f, number, line.strip()) for number, line in _lines(f)] for f in files]
-    for side in sides:
-        for f, number, line in side:
-            if not line:
-                raise BertpipeError(f"{f}:{number}: empty line (every sentence needs its translation)")
-    counts = [len(side) for side in sides]
-    short, long = counts.index(min(counts)), counts.index(max(counts))
-    if counts[short] != counts[long]:
-        raise BertpipeError(f"{files[long]}:{len(sides[short]) + 1}: no aligned line in {files[short]} "
-                            f"(it has {len(sides[short])} lines, this file {len(sides[long])})")
-    return [PairExample(src[2], tgt[2]) for src, tgt in zip(sides[0], sides[1], strict=True)]
-
-
-@dataclass
-class ImageExample:
-    pixels: torch.Tensor  # (channels, height, width), values in [0, 1]
-    label: int  # not trained on by an autoencoder: the linear probe's target
-
-
-DIGITS = "sklearn:digits"  # task.train of the digits task: the 1,797 8x8 digits that ship with scikit-learn
-SENTENCE_WORDS = (5, 20)  # the sentences task keeps sentences of this many words (split_words), both included
-
-
-def read_digits(path: Path, spec: TaskSpec) -> list[ImageExample]:
-    """scikit-learn's 8x8 handwritten digits (no download), pixels 0..16 scaled to [0, 1]; split by task.holdout."""
-    if str(path) != DIGITS:
-        raise BertpipeError(f"task {spec.name}: task.train must be {DIGITS} (the digits shipped with scikit-learn), "
-                            f"not {str(path)!r}")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    return [ImageExample(image, int(label)) for image, label in zip(images, digits.target, strict=True)]
-
-
-def read_sentences(path: Path, spec: TaskSpec) -> list[str]:
-    """The sentences (blingfire, as the shard stage splits them) of a corpus that pipeline/corpus.py reads — a
-    WikiExtractor file, a book, plain text or `pydoc` — with SENTENCE_WORDS words, in corpus order."""
-    from pipeline.corpus import Corpus, CorpusConfig, CorpusInput
-    from pipeline.instances import split_sentences
-
-    low, high = SENTENCE_WORDS
-    corpus = Corpus(CorpusConfig([CorpusInput(str(path))]))
-    return [s for doc in corpus.documents() for s in split_sentences(doc.text) if low <= len(split_words(s)) <= high]
-
-
-def read_word_order(path: Path, spec: TaskSpec) -> list[TextExample]:
-    """A labeled task built offline from any corpus (the demo's, when no data directory is there): each
-    sentence of `read_sentences`, as it was ("real") or with its words shuffled ("shuffled"), half and half by a
-    fixed seed. Both are written as words joined by single spaces, so only the order tells them apart: a
-    bag-of-words model stays at chance, an RNN or BERT must read the sequence."""
-    rng = random.Random(1234)
-    examples = []
-    for sentence in read_sentences(path, spec):
-        words = split_words(sentence)
-        label = rng.randrange(2)
-        if label == 0:
-            shuffled = words[:]
-            while shuffled == words and len(set(words)) > 1:
-                rng.shuffle(shuffled)
-            if shuffled == words:  # a sentence of one repeated word has no other order
-                continue
-            words = shuffled
-        examples.append(TextExample(" ".join(words), label))
-    return examples
+# ---- the task registry ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -258,9 +87,9 @@ class TaskSpec:
     """What a task is: its kind, its label set (fixed, so label ids agree across runs) and how to read it."""
 
     name: str
-    kind: str  # "classify": one label per text; "tag": one tag per word; "translate": a text per text
-    # ... "image" or "sentences": inputs an autoencoder rebuilds (ImageExample, str)
-    labels: tuple[str, ...]
+    kind: str  # "classify": one label per text (or pair); "regress": one score per text (or pair); "tag": one tag
+    # per word; "translate": a text per text; "image" or "sentences": inputs an autoencoder rebuilds
+    labels: tuple[str, ...]  # empty for "regress" (one output: the score)
     reader: Callable[[Path, TaskSpec], list]
     main_metric: str  # on the dev split: picks the best checkpoint and heads the leaderboard
     suffixes: tuple[str, ...] = ("",)  # the files a configured path stands for
@@ -268,6 +97,14 @@ class TaskSpec:
     default_tag: str | None = None  # the tag of words cut off by max_len (they still count in the metrics)
     higher_is_better: bool = True  # of main_metric (False for a reconstruction error)
     together: bool = False  # the reader gets the bare path and reads all its suffixed files at once (pairs)
+    pair: bool = False  # examples are sentence pairs (TextPairExample): `[CLS] a [SEP] b [SEP]` for BERT
+    metrics: tuple[str, ...] = ()  # metrics beyond the kind's own (recipes/metrics.py EXTRA), e.g. "mcc"
+    mean_of: tuple[str, ...] = ()  # main_metric is the mean of these metrics (GLUE's MRPC and STS-B)
+
+    @property
+    def num_outputs(self) -> int:
+        """The network's outputs per example: one per label, or the score alone."""
+        return 1 if self.kind == "regress" else len(self.labels)
 
     def read(self, path: str | Path) -> list:
         if self.together:
@@ -291,6 +128,13 @@ TASKS: dict[str, TaskSpec] = {
     "digits": TaskSpec("digits", "image", tuple("0123456789"), read_digits, "mse", higher_is_better=False),
     "sentences": TaskSpec("sentences", "sentences", (), read_sentences, "token_accuracy"),
     "word_order": TaskSpec("word_order", "classify", ("shuffled", "real"), read_word_order, "accuracy"),
+    # GLUE (recipes/tasks/glue.py), each task's main metric as GLUE reports it; sst2 above is GLUE's SST-2
+    "cola": TaskSpec("cola", "classify", ("unacceptable", "acceptable"), read_glue, "mcc", metrics=("mcc",)),
+    "mrpc": TaskSpec("mrpc", "classify", ("not_equivalent", "equivalent"), read_glue, "accuracy_f1", pair=True,
+                     mean_of=("accuracy", "f1")),
+    "stsb": TaskSpec("stsb", "regress", (), read_glue, "pearson_spearman", pair=True, mean_of=("pearson", "spearman")),
+    "rte": TaskSpec("rte", "classify", ("entailment", "not_entailment"), read_glue, "accuracy", pair=True),
+    "wnli": TaskSpec("wnli", "classify", ("not_entailment", "entailment"), read_glue, "accuracy", pair=True),
 }
 
 
@@ -328,14 +172,6 @@ def read_splits(cfg: TaskConfig, spec: TaskSpec) -> dict[str, list]:
 
 def input_files(cfg: TaskConfig, spec: TaskSpec) -> dict[str, list[Path]]:
     return {name: spec.files(getattr(cfg, name)) for name in SPLITS if getattr(cfg, name)}
-
-
-_WORD = re.compile(r"\w+(?:[-'.]\w+)*|[^\w\s]")
-
-
-def split_words(text: str) -> list[str]:
-    """Words of free text for tagging, close to CoNLL's tokens: punctuation apart, `co-writer`, `U.S` kept."""
-    return _WORD.findall(text)
 
 
 # ---- text encoders ---------------------------------------------------------------------------------------
@@ -423,9 +259,12 @@ def align_words(encoder: TextEncoder, word_pieces: list[list[int]], max_len: int
 
 
 def encode(examples: list, encoder: TextEncoder, max_len: int) -> list[dict]:
-    """Features for the collator: input_ids plus `label` (texts) or `word_starts` and `tags` (tagged words)."""
+    """Features for the collator: input_ids plus `label` (texts), `token_type_ids` and `label` (sentence pairs)
+    or `word_starts` and `tags` (tagged words)."""
     if not examples:
         return []
+    if isinstance(examples[0], TextPairExample):
+        return encode_pairs(examples, encoder, max_len)
     if isinstance(examples[0], TextExample):
         pieces = encoder.pieces([ex.text for ex in examples])
         return [{"input_ids": encode_text(encoder, p, max_len), "label": ex.label}
@@ -453,10 +292,11 @@ class Collator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         input_ids = _pad([f["input_ids"] for f in features], self.pad_id)
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
-        batch = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
+        types = _pad([f["token_type_ids"] for f in features], 0) if "token_type_ids" in features[0] else None
+        batch = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids) if types is None else types,
                  "attention_mask": (torch.arange(input_ids.size(1))[None, :] < lengths[:, None]).long()}
-        if features and "label" in features[0]:
-            batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+        if features and "label" in features[0]:  # label ids (long) or scores (float)
+            batch["labels"] = torch.tensor([f["label"] for f in features])
         else:
             batch["word_starts"] = _pad([f["word_starts"] for f in features], -1)
             batch["tags"] = _pad([f["tags"] for f in features], -100)
