@@ -72,7 +72,7 @@ BASELINE_RESULTS = $(foreach c,$(BASELINE_CONFIGS),$(RUNS_DIR)/$(call name,$(c))
 # GLUE (bertpipe glue): the profile's BERT, the same preset from random weights, the BiLSTM pair baselines
 GLUE_MODELS ?= bert random bilstm
 GLUE_RESULTS = $(foreach m,$(GLUE_MODELS),$(RUNS_DIR)/glue-$(m)/results.json)
-GLUE_ARGS = --tasks $(GLUE_TASKS) $(if $(GLUE_SEEDS),--seeds $(GLUE_SEEDS)) --force --quiet
+GLUE_ARGS = --tasks $(GLUE_TASKS) $(if $(GLUE_SEEDS),--seeds $(GLUE_SEEDS)) --force
 GLUE_BERT_ARGS = --encoder $(PRETRAIN_DIR) $(GLUE_ARGS) $(GLUE_OVERRIDES)
 GLUE_RANDOM_ARGS = --preset $(GLUE_PRESET) --vocab $(VOCAB_DIR) $(GLUE_ARGS) $(GLUE_OVERRIDES)
 GLUE_BILSTM_ARGS = --recipes recipes/baselines/glue-{task}-bilstm.yaml --vocab $(VOCAB_DIR) $(GLUE_ARGS) \
