@@ -192,7 +192,7 @@ def glue_chart(summaries: list[tuple[str, dict]], path: Path) -> None:
                 high.append(100 * (e.get("max", e["median"]) - e["median"]))
         ax.bar(xs, ys, width, yerr=[low, high], capsize=3, label=f"{_model_name(res.get('model', '?'))} · {name}")
     ax.set_xticks(range(len(columns)), [title.replace(" (", "\n(") for _, title in columns], fontsize=8)
-    ax.set_ylabel("dev score x100 (median over seeds; whiskers min-max)")
+    ax.set_ylabel("dev x100: median, min-max")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -578,8 +578,8 @@ def finetune_command(argv: list[str]) -> int:
 
     parser = config_parser("finetune", "Fine-tune a model on a downstream task (Lightning): SST-2, GLUE's CoLA, "
                            "MRPC, STS-B, RTE and WNLI, Rotten Tomatoes polarity, CoNLL-2003 NER or UD English POS. "
-                           "Writes checkpoints, metrics.jsonl, W&B "
-                           "(offline by default) and results.json into run_dir.", FinetuneConfig)
+                           "Writes checkpoints, metrics.jsonl, W&B (offline by default) and results.json into "
+                           "run_dir.", FinetuneConfig)
     parser.add_argument("--force", action="store_true", help="replace a finished run directory")
     args = parser.parse_intermixed_args(argv)
     quiet = args.quiet or rank_zero_only.rank > 0

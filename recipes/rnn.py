@@ -238,7 +238,7 @@ class RnnNet(nn.Module):
 
 
 class PairNet(nn.Module):
-    """InferSent's pair classifier (Conneau et al. 2017; GLUE's baselines, Wang et al. 2018): one sentence
+    """InferSent's pair classifier (Conneau et al. 2017; GLUE's baselines, Wang et al. 2019): one sentence
     encoder, shared, reads each side of the pair; u and v are pooled, and an MLP (`mlp_hidden`, one tanh
     hidden layer) maps [u; v; |u - v|; u * v] to labels or a score.
 

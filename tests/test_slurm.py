@@ -132,6 +132,24 @@ def test_submit_pipeline_dry_run_asks_for_the_cluster_it_is_given(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "submit_pipeline.sh: --nodes needs a value (see --help)"
 
 
+def test_submit_pipeline_dry_run_chains_glue_after_pretraining(tmp_path):
+    """--glue: an array of one (task, seed) run per task, after pretraining, then the table; the leaderboard
+    waits for it too."""
+    import subprocess
+
+    env = {**os.environ, "DATA_DIR": str(tmp_path), "BERTPIPE": str(BIN / "bertpipe"), "GLUE_TASKS": "rte,mrpc",
+           "GLUE_SEEDS": "2,rte=3"}
+    proc = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "recipes/pipeline/demo.sh", "--dry-run",
+                           "--glue", "--build", str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split("--job-name=bertpipe-")[1].split()[0]: line for line in proc.stderr.splitlines()}
+    assert list(lines)[-3:] == ["glue", "glue-table", "leaderboard"]
+    assert "--dependency=afterok:<pretrain>" in lines["glue"] and "--array=0-4" in lines["glue"]  # 2 + 3 runs
+    assert f"--encoder {tmp_path / 'b' / 'pretrain'} --out {tmp_path / 'b' / 'runs' / 'glue-bert'}" in lines["glue"]
+    assert "--dependency=afterok:<glue>" in lines["glue-table"] and "--array" not in lines["glue-table"]
+    assert "--dependency=afterok:<finetune>:<baselines>:<glue-table>" in lines["leaderboard"]
+
+
 def test_glue_array_runs_one_task_and_seed_each_then_writes_the_table(slurm, data, wiki_vocab, tmp_path):
     """slurm/glue.sbatch: an array task per (task, seed) of `bertpipe glue --list` (RTE and WNLI, two seeds of
     RTE, a few steps each), then the same script without an array writes the table from the finished runs."""
