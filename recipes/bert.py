@@ -2,8 +2,11 @@
 
 The heads keep HF's module names (`bert.*`, `classifier.*`), so their weights load into
 `transformers.BertForSequenceClassification` / `BertForTokenClassification` by a key copy (bench/finetune.py
-relies on it). The encoder comes from a pretraining run directory (its `export/`), any HF BERT directory or a
-bertpipe checkpoint (`pipeline.hf_interop.load_hf`), or is built at random from a preset.
+relies on it). Sentence pairs need no head of their own: `[CLS] a [SEP] b [SEP]` with token types 0/1 is one
+sequence, classified from the pooled [CLS]; regression (STS-B) is the same head with one output, which is
+`BertForSequenceClassification(num_labels=1)`, trained with mean squared error as HF's
+`problem_type="regression"`. The encoder comes from a pretraining run directory (its `export/`), any HF BERT
+directory or a bertpipe checkpoint (`pipeline.hf_interop.load_hf`), or is built at random from a preset.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class BertTokenClassifier(nn.Module):
         return self.classifier(self.dropout(hidden))
 
 
-HEADS: dict[str, type[nn.Module]] = {"classify": BertSequenceClassifier, "tag": BertTokenClassifier}
+HEADS: dict[str, type[nn.Module]] = {"classify": BertSequenceClassifier, "regress": BertSequenceClassifier,
+                                     "tag": BertTokenClassifier}
 
 
 def size_name(config: BertConfig) -> str:
@@ -119,7 +123,7 @@ def load_encoder(cfg: FinetuneConfig) -> tuple[BertModel, WordPieceEncoder, dict
 
 def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
     bert, encoder, describe, inputs = load_encoder(cfg)
-    net = HEADS[spec.kind](bert, len(spec.labels), cfg.model.dropout)
+    net = HEADS[spec.kind](bert, spec.num_outputs, cfg.model.dropout)
     meta = {"config": dataclasses.asdict(bert.config), "dropout": cfg.model.dropout}
     return Built(net, encoder, meta, describe, inputs)
 
@@ -128,5 +132,5 @@ def restore(meta: dict, directory: Path) -> tuple[nn.Module, WordPieceEncoder]:
     from recipes.tasks import get_task
 
     config = BertConfig(**meta["config"])
-    head = HEADS[get_task(meta["task"]).kind]
-    return head(BertModel(config), len(meta["labels"]), meta["dropout"]), WordPieceEncoder(directory)
+    spec = get_task(meta["task"])
+    return HEADS[spec.kind](BertModel(config), spec.num_outputs, meta["dropout"]), WordPieceEncoder(directory)
