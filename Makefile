@@ -126,6 +126,7 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
+	$(BIN)/python bench/squad.py
 	$(BIN)/python bench/model_gpu.py
 
 clean:  ## remove build outputs (keeps .venv)

@@ -1,4 +1,5 @@
-"""`bertpipe predict`: a finished run's label with its probability for each text, or each word's tag.
+"""`bertpipe predict`: a finished run's label with its probability for each text, or each word's tag (a squad
+run's answers to questions about a passage: recipes/squad.py).
 
 The run is rebuilt from its `model/` directory (safetensors weights, meta.json, tokenizer files) through the
 model kind's `restore()`; no Lightning checkpoint and no pickled code is loaded. Texts are encoded and batched
@@ -28,6 +29,8 @@ class Predictor:
         self.module, self.encoder, self.meta = load_run(run)
         self.module.to(device)
         self.device, self.batch_size = device, batch_size
+        if self.kind == "span":
+            raise BertpipeError(f"{run}: a {self.meta['task']} run answers questions: give --question and --context")
 
     @property
     def kind(self) -> str:
@@ -90,7 +93,9 @@ def predict_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="bertpipe predict",
         description="Label texts with a finished finetune run: the label and its probability for sentiment "
-                    "tasks, each word's tag for NER and POS. One output line per input text.")
+                    "tasks, each word's tag for NER and POS. One output line per input text. A squad run "
+                    "answers --question about --context instead: answer<TAB>score<TAB>probability<TAB>question "
+                    "(the score is the start plus the end logit, the probability its share of the n-best).")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished `bertpipe finetune` run directory")
     parser.add_argument("--input", metavar="FILE", help="also label each non-empty line of FILE ('-' for stdin)")
@@ -98,8 +103,18 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--pretokenized", action="store_true", help="tagging: words are split on whitespace only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    qa = parser.add_argument_group("span QA (a squad run)")
+    qa.add_argument("--question", action="append", help="a question about the passage (repeat for several)")
+    passage = qa.add_mutually_exclusive_group()
+    passage.add_argument("--context", help="the passage the answer is cut from")
+    passage.add_argument("--context-file", metavar="FILE", help="the passage, read from FILE ('-' for stdin)")
+    qa.add_argument("--n-best", type=int, help="candidates kept per question (default: the run's task.n_best)")
     args = parser.parse_args(argv)
     setup_logging(quiet=True)
+    if args.question or args.context or args.context_file:
+        from recipes.squad import answer_command
+
+        return answer_command(args)
     texts = [t for t in args.texts if t.strip()] + (_read_inputs(args.input) if args.input else [])
     if not texts:
         raise BertpipeError("nothing to label: give texts or --input FILE")

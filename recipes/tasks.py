@@ -39,7 +39,7 @@ SPLITS = ("train", "dev", "test")
 
 @dataclass
 class TaskConfig:
-    name: str = "sst2"  # sst2 | rt_polarity | conll2003 | ud_pos | word_order | multi30k | digits | sentences
+    name: str = "sst2"  # sst2 | rt_polarity | conll2003 | ud_pos | word_order | multi30k | digits | sentences | squad
     data_dir: str = "${oc.env:DATA_DIR,../shared/data}"
     train: str = ""  # file (or, for rt_polarity, the path without .pos/.neg) of each split; "" or null = none
     dev: str | None = ""
@@ -49,6 +49,11 @@ class TaskConfig:
     max_len: int = 128  # pieces per example, specials included; longer examples are cut
     max_train: int | None = None  # a seeded sample of this many training examples (quick runs)
     max_eval: int | None = None  # the first N dev/test examples
+    # span tasks (squad; recipes/squad.py): windows over long contexts and the decoding of answers
+    doc_stride: int = 128  # context pieces two consecutive windows share
+    max_query_len: int = 64  # question pieces kept
+    max_answer_len: int = 30  # pieces of the longest answer decoded
+    n_best: int = 20  # (start, end) candidates kept per window and per question
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -253,13 +258,21 @@ def read_word_order(path: Path, spec: TaskSpec) -> list[TextExample]:
     return examples
 
 
+def read_squad(path: Path, spec: TaskSpec) -> list:
+    """SQuAD v1.1 JSON, optionally some of its articles (`file.json#articles=0-37`): recipes/squad.py."""
+    from recipes.squad import read_squad as read
+
+    return read(path, spec)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What a task is: its kind, its label set (fixed, so label ids agree across runs) and how to read it."""
 
     name: str
     kind: str  # "classify": one label per text; "tag": one tag per word; "translate": a text per text
-    # ... "image" or "sentences": inputs an autoencoder rebuilds (ImageExample, str)
+    # ... "image" or "sentences": inputs an autoencoder rebuilds (ImageExample, str); "span": an answer's start
+    # and end in a context (labels: the two logits of each position)
     labels: tuple[str, ...]
     reader: Callable[[Path, TaskSpec], list]
     main_metric: str  # on the dev split: picks the best checkpoint and heads the leaderboard
@@ -275,6 +288,7 @@ class TaskSpec:
         return [ex for suffix in self.suffixes for ex in self.reader(Path(f"{path}{suffix}"), self)]
 
     def files(self, path: str | Path) -> list[Path]:
+        path = str(path).partition("#")[0]  # a reader's selection within the file (squad: `#articles=0-37`)
         return [Path(f"{path}{suffix}") for suffix in self.suffixes]
 
 
@@ -291,6 +305,7 @@ TASKS: dict[str, TaskSpec] = {
     "digits": TaskSpec("digits", "image", tuple("0123456789"), read_digits, "mse", higher_is_better=False),
     "sentences": TaskSpec("sentences", "sentences", (), read_sentences, "token_accuracy"),
     "word_order": TaskSpec("word_order", "classify", ("shuffled", "real"), read_word_order, "accuracy"),
+    "squad": TaskSpec("squad", "span", ("start", "end"), read_squad, "f1"),  # SQuAD v1.1: EM/F1 of answer spans
 }
 
 
