@@ -11,8 +11,8 @@ recipes/squad.py's. A DrQA-style reader (Chen et al. 2017) cut down to the lectu
 - one (deep, bidirectional) RNN of model.rnn.* over [embedding; aligned embedding; exact match] of the whole
   window, question and context alike (recipes/rnn.py's `Recurrent`, packed);
 - the question's vector: its pieces' RNN outputs pooled by a learned attention;
-- start and end logits: bilinear h_i W_s q and h_i W_e q at every position ([CLS] included, for windows
-  without the answer).
+- start and end logits: bilinear h_i W_s q and h_i W_e q plus a linear term of h_i alone, at every position
+  ([CLS] included, for windows without the answer).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class RnnReader(nn.Module):
         self.question_attention = nn.Linear(out, 1)
         self.start = nn.Linear(out, out, bias=False)
         self.end = nn.Linear(out, out, bias=False)
+        self.prior = nn.Linear(out, 2)  # a start and an end term of each position alone, beside the bilinear ones
         self.dropout = nn.Dropout(cfg.dropout)
 
     @staticmethod
@@ -64,8 +65,8 @@ class RnnReader(nn.Module):
         h, _ = self.rnn(self.dropout(x), attention_mask.sum(1))
         h = self.dropout(h)
         pool = self.question_attention(h).squeeze(-1).masked_fill(~question, NEG).softmax(-1)
-        q = (pool[..., None] * h).sum(1)  # (B, out)
-        return torch.stack([(self.start(h) * q[:, None]).sum(-1), (self.end(h) * q[:, None]).sum(-1)], -1)
+        q = (pool[..., None] * h).sum(1)[:, None]  # (B, 1, out)
+        return torch.stack([(self.start(h) * q).sum(-1), (self.end(h) * q).sum(-1)], -1) + self.prior(h)
 
 
 # ---- build and restore (recipes/base.py's model-kind interface) ------------------------------------------

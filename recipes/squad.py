@@ -18,7 +18,9 @@ them through the task kind (recipes/base.py's TASK_KINDS).
   its last character is in; a window that does not hold all of it points at `[CLS]` (position 0).
 - Decoding: in each window the `n_best` (start, end) pairs inside the context with start <= end < start +
   `max_answer_len`, scored start logit + end logit (the exact top pairs, not the top starts times the top
-  ends); the best over an example's windows, cut from the original context by the pieces' character offsets.
+  ends), starting at a word's first piece and ending at a word's last (no `##` piece begins an answer, none
+  is cut off its word); the best over an example's windows, cut from the original context by the pieces'
+  character offsets.
 - Metric: torchmetrics' SQuAD, the official v1.1 script's (answers lowercased, without punctuation and
   articles, whitespace collapsed; the best over all gold answers), exact match and F1 on 0-100.
 """
@@ -217,11 +219,13 @@ def locate(offsets: np.ndarray, chars: tuple[int, int] | None) -> tuple[int, int
 
 def build_windows(examples: list[SquadExample], encoder: WordPieceEncoder, settings: SpanSettings) -> list[dict]:
     """One feature per window: ids and token types (numpy), where the context starts, its pieces' character
-    offsets, the first answer's start/end position (0 = [CLS]: not in this window), the example itself."""
+    offsets and which of them continue a word, the first answer's start/end position (0 = [CLS]: not in this
+    window), the example itself."""
     if not isinstance(encoder, WordPieceEncoder):
         raise BertpipeError("span tasks need a WordPiece vocabulary (its fast tokenizer's offsets map answers to "
                             "pieces): unset model.rnn.word_vocab")
     tok = window_tokenizer(encoder, settings)
+    prefix = getattr(tok.model, "continuing_subword_prefix", "##")
     questions = cut_questions(encoder, [ex.question for ex in examples], settings.max_query_len)
     pairs = [(q, ex.context) for q, ex in zip(questions, examples, strict=True)]
     features = []
@@ -230,18 +234,21 @@ def build_windows(examples: list[SquadExample], encoder: WordPieceEncoder, setti
         for window in [encoding, *encoding.overflowing]:
             first = window.sequence_ids.index(1)  # [CLS] question [SEP] | context [SEP]
             offsets = np.asarray(window.offsets[first:-1], dtype=np.int32).reshape(-1, 2)
+            continues = np.array([t.startswith(prefix) for t in window.tokens[first:-1]], dtype=bool)
             span = locate(offsets, chars)
             start, end = (first + span[0], first + span[1]) if span else (0, 0)
             features.append({"input_ids": np.asarray(window.ids, dtype=np.int32),
                              "token_type_ids": np.asarray(window.type_ids, dtype=np.int8),
-                             "context_start": first, "offsets": offsets, "start_position": start,
+                             "context_start": first, "offsets": offsets, "continues": continues,
+                             "start_position": start,
                              "end_position": end, "example": ex, "index": len(features)})
     return features
 
 
 @dataclass
 class SpanCollator:
-    """Pads windows; `context_mask` marks the context pieces, `index` points back at each feature."""
+    """Pads windows; `start_mask` / `end_mask` mark the context pieces an answer may start / end at (a word's
+    first / last piece), `index` points back at each feature."""
 
     pad_id: int
 
@@ -249,14 +256,17 @@ class SpanCollator:
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         types = torch.zeros_like(ids)
-        mask, context = torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
+        mask = torch.zeros_like(ids)
+        starts, ends = torch.zeros(ids.shape, dtype=torch.bool), torch.zeros(ids.shape, dtype=torch.bool)
         for i, f in enumerate(features):
-            n, first = len(f["input_ids"]), f["context_start"]
+            n, first, continues = len(f["input_ids"]), f["context_start"], torch.from_numpy(f["continues"])
             ids[i, :n] = torch.from_numpy(f["input_ids"])
             types[i, :n] = torch.from_numpy(f["token_type_ids"])
             mask[i, :n] = 1
-            context[i, first:first + len(f["offsets"])] = True
-        return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "context_mask": context,
+            starts[i, first:first + len(continues)] = ~continues
+            ends[i, first:first + len(continues)] = ~torch.cat([continues[1:], torch.zeros(1, dtype=torch.bool)])
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "start_mask": starts,
+                "end_mask": ends,
                 "start_positions": torch.tensor([f["start_position"] for f in features]),
                 "end_positions": torch.tensor([f["end_position"] for f in features]),
                 "index": torch.tensor([f["index"] for f in features])}
@@ -281,15 +291,16 @@ class SpanDataModule(TaskDataModule):
 # ---- decoding --------------------------------------------------------------------------------------------
 
 
-def top_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, context_mask: torch.Tensor, n_best: int,
-              max_answer_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, start_mask: torch.Tensor, end_mask: torch.Tensor,
+              n_best: int, max_answer_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The `n_best` best (start, end) pairs of each window (B, S logits): scores, starts and ends (B, k), -inf
-    where a window has fewer valid pairs. Valid: both in the context, start <= end < start + max_answer_len."""
+    where a window has fewer valid pairs. Valid: start where `start_mask`, end where `end_mask` (both inside the
+    context), start <= end < start + max_answer_len."""
     width = start_logits.size(1)
     scores = start_logits.float()[:, :, None] + end_logits.float()[:, None, :]
     position = torch.arange(width, device=scores.device)
     length = position[None, :] - position[:, None]  # end - start
-    valid = ((length >= 0) & (length < max_answer_len))[None] & context_mask[:, :, None] & context_mask[:, None, :]
+    valid = ((length >= 0) & (length < max_answer_len))[None] & start_mask[:, :, None] & end_mask[:, None, :]
     top, flat = scores.masked_fill(~valid, -math.inf).flatten(1).topk(min(n_best, width * width), dim=1)
     return top, flat // width, flat % width
 
@@ -378,7 +389,8 @@ class SpanModule(TaskModule):
 
     def spans(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]):
         start, end = logits.unbind(-1)
-        return top_spans(start, end, batch["context_mask"], self.settings.n_best, self.settings.max_answer_len)
+        return top_spans(start, end, batch["start_mask"], batch["end_mask"], self.settings.n_best,
+                         self.settings.max_answer_len)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch)

@@ -27,6 +27,7 @@ from pipeline.instances import split_sentences
 from pipeline.log import setup_logging
 from recipes.squad import (
     Answers,
+    SpanCollator,
     SpanSettings,
     SquadExample,
     answer_chars,
@@ -195,9 +196,9 @@ def test_a_long_context_is_cut_into_windows_and_answered_from_the_right_one(dev_
         if w is holding[-1]:
             start[0, w["start_position"]] += 20
             end[0, w["end_position"]] += 20
-        context = torch.zeros(1, n, dtype=torch.bool)
-        context[0, w["context_start"]:w["context_start"] + len(w["offsets"])] = True
-        answers.add([w], *top_spans(start, end, context, settings.n_best, settings.max_answer_len))
+        batch = SpanCollator(encoder.pad_id)([w])
+        answers.add([w], *top_spans(start, end, batch["start_mask"], batch["end_mask"], settings.n_best,
+                                    settings.max_answer_len))
     best = answers.n_best_list(example.id)
     assert best[0]["text"] == gold and best[0]["probability"] > 0.99 and len(best) == settings.n_best
     assert example.context[best[0]["start"]:best[0]["end"]] == gold
@@ -207,13 +208,30 @@ def test_decoding_keeps_end_after_start_within_max_answer_len_and_inside_the_con
     start = torch.tensor([[9.0, 0, 0, 5, 1, 0, 0, 0]])
     end = torch.tensor([[9.0, 0, 6, 0, 0, 0, 0, 4]])
     context = torch.tensor([[False, False, True, True, True, True, True, True]])
-    scores, starts, ends = top_spans(start, end, context, n_best=3, max_answer_len=3)
+    scores, starts, ends = top_spans(start, end, context, context, n_best=3, max_answer_len=3)
     pairs = list(zip(starts[0].tolist(), ends[0].tolist(), strict=True))
     # unconstrained, (0, 0) = 18 would win ([CLS], outside the context), then (3, 2) = 11 (it ends before it
     # starts) and (3, 7) = 9 (5 pieces, over max_answer_len); the best valid pair is (2, 2) = 0 + 6, then the
     # three spans from piece 3 (5 + 0)
     assert pairs[0] == (2, 2) and scores[0].tolist() == [6.0, 5.0, 5.0] and {s for s, _ in pairs[1:]} == {3}
     assert all(s <= e < s + 3 for s, e in pairs)
+    # answers start at a word's first piece and end at its last: with piece 2 a `##` piece continuing piece 1,
+    # no answer starts at 2 or ends at 1, and (2, 2) gives way to a span from piece 3
+    word_start = context & (torch.arange(8) != 2)
+    word_end = context & (torch.arange(8) != 1)
+    scores, starts, _ = top_spans(start, end, word_start, word_end, n_best=1, max_answer_len=3)
+    assert (starts.item(), scores.item()) == (3, 5.0)
+
+
+def test_windows_mark_the_pieces_that_continue_a_word(dev_split, encoder):
+    features = build_windows(dev_split[:50], encoder, SpanSettings())
+    for f in features:
+        tokens = [encoder.tokenizer.id_to_token(int(i)) for i in f["input_ids"][f["context_start"]:-1]]
+        assert f["continues"].tolist() == [t.startswith("##") for t in tokens]
+    batch = SpanCollator(encoder.pad_id)(features[:8])
+    assert not (batch["start_mask"] & (batch["token_type_ids"] == 0)).any()  # never in the question
+    # one start and one end a word (a window may begin inside a word: its first piece only ends one)
+    assert set((batch["end_mask"].sum(1) - batch["start_mask"].sum(1)).tolist()) <= {0, 1}
 
 
 # ---- the metric ------------------------------------------------------------------------------------------
