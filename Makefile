@@ -170,6 +170,7 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
+	$(BIN)/python bench/squad.py
 	$(BIN)/python bench/model_gpu.py
 	$(BIN)/python bench/reliability.py
 	test -f $(BUILD)/demo/runs/sst2/results.json || $(MAKE) --no-print-directory demo

@@ -27,11 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("sentence-split, tokenize and write NSP/MLM-ready Parquet shards", "pipeline.cli:shard_command"),
     "pretrain": ("pretrain BERT (MLM + NSP) under DeepSpeed", "pipeline.cli:pretrain_command"),
     "plot": ("draw a run's loss and throughput curves to PNG", "pipeline.cli:plot_command"),
-    "finetune": ("fine-tune on SST-2, GLUE's CoLA/MRPC/STS-B/RTE/WNLI, Rotten Tomatoes, CoNLL-2003 NER or UD POS "
-                 "(Lightning)", "recipes.base:finetune_command"),
+    "finetune": ("fine-tune on SST-2, GLUE's CoLA/MRPC/STS-B/RTE/WNLI, Rotten Tomatoes, CoNLL-2003 NER, UD POS or "
+                 "SQuAD (Lightning)", "recipes.base:finetune_command"),
     "glue": ("fine-tune one encoder on every GLUE task over several seeds: one GLUE-style table",
              "recipes.glue:glue_command"),
-    "predict": ("label texts with a finished finetune run", "recipes.predict:predict_command"),
+    "predict": ("label texts or sentence pairs, or answer questions about a passage, with a finished finetune run",
+                "recipes.predict:predict_command"),
     "serve": ("serve a finished finetune run over HTTP, with dynamic batching and a page to try it",
               "recipes.serve.server:serve_command"),
     "generate": ("write sentences with a label-conditioned RNN language model run", "recipes.rnn:generate_command"),

@@ -1,7 +1,8 @@
 """One table of every run: gathers the `results.json` files under a folder into Markdown, CSV and a chart.
 
 It reads nothing but results.json (task, split, metrics, model, params, train_seconds, examples_per_second,
-and optionally main_metric / higher_is_better), so any recipe that writes one lands on the board.
+and optionally main_metric / higher_is_better / also_metrics, the metrics shown beside the ranked one), so any
+recipe that writes one lands on the board.
 
 A GLUE summary (`bertpipe glue`'s results.json, `"kind": "glue"`) stands for the runs under it: one row per
 task with the median over its seeds, and one for the GLUE average. Every summary also becomes a row of the
@@ -27,7 +28,7 @@ from pipeline.errors import BertpipeError  # noqa: E402
 log = logging.getLogger(__name__)
 PREFERRED = ("f1", "accuracy", "bleu", "reconstruction_mse", "mse")  # the headline metric when a run names none
 LOWER_IS_BETTER = ("mse", "loss", "error", "perplexity")
-COLUMNS = ("task", "model", "metric", "value", "params", "train_seconds", "examples_per_second", "run")
+COLUMNS = ("task", "model", "metric", "value", "also", "params", "train_seconds", "examples_per_second", "run")
 
 
 def _model_name(model: dict | str) -> str:
@@ -80,9 +81,11 @@ def gather(runs_dir: str | Path) -> list[dict]:
                 log.warning("%s has no %s, the metric %s is ranked by: left out", path, metric, task)
                 continue
             higher = res.get("higher_is_better", not any(s in metric for s in LOWER_IS_BETTER))
+            also = [m for m in res.get("also_metrics") or () if m != metric and m in res["metrics"]]
             rows.append({
                 "task": task, "model": _model_name(res.get("model", "?")), "metric": metric,
                 "value": float(res["metrics"][metric]), "higher_is_better": bool(higher),
+                "also": " ".join(f"{m} {float(res['metrics'][m]):.4f}" for m in also),  # squad: exact_match
                 "params": int(res.get("params", 0)), "train_seconds": float(res.get("train_seconds", 0.0)),
                 "examples_per_second": float(res.get("examples_per_second", 0.0)),
                 "run": str(path.parent.relative_to(root)) or ".",
@@ -201,12 +204,12 @@ def glue_chart(summaries: list[tuple[str, dict]], path: Path) -> None:
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| task | model | metric | value | parameters | train time (s) | examples/s | run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | model | metric | value | also | parameters | train time (s) | examples/s | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
-        lines.append(f"| {r['task']} | {r['model']} | {r['metric']} {arrow} | {r['value']:.4f} | {r['params']:,} | "
-                     f"{r['train_seconds']:.1f} | {r['examples_per_second']:.1f} | {r['run']} |")
+        lines.append(f"| {r['task']} | {r['model']} | {r['metric']} {arrow} | {r['value']:.4f} | {r['also']} | "
+                     f"{r['params']:,} | {r['train_seconds']:.1f} | {r['examples_per_second']:.1f} | {r['run']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,10 @@ log = logging.getLogger(__name__)
 
 MODEL_KINDS = {"bert": "recipes.bert", "rnn": "recipes.rnn", "pooled": "recipes.rnn",  # model.kind -> module
                "rnn_lm": "recipes.rnn",  # with build() and restore(), and optionally task_module()
-               "seq2seq": "recipes.seq2seq", "autoencoder": "recipes.autoencoder"}
+               "seq2seq": "recipes.seq2seq", "autoencoder": "recipes.autoencoder",
+               "rnn_reader": "recipes.reader"}  # span QA: the RNN reader beside BERT's span head
+# a task kind whose data, module and report serve every model kind that answers it (before the model kind's own)
+TASK_KINDS = {"span": "recipes.squad"}
 PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}  # the project's names -> Lightning's
 STRATEGIES = ("auto", "ddp", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2")
 MODEL_DIR = "model"  # in a run directory: weights, meta.json and tokenizer files for `predict`
@@ -231,6 +234,13 @@ def model_kind(name: str):
     if name not in MODEL_KINDS:
         raise BertpipeError(f"unknown model kind {name!r} (choose from {', '.join(MODEL_KINDS)})")
     return importlib.import_module(MODEL_KINDS[name])
+
+
+def hook(kind, spec: TaskSpec, name: str):
+    """fit()'s optional `name` hook (data_module, task_module, report): the task kind's, else the model kind's."""
+    if spec.kind in TASK_KINDS:
+        return getattr(importlib.import_module(TASK_KINDS[spec.kind]), name, None)
+    return getattr(kind, name, None)
 
 
 # ---- the task module -------------------------------------------------------------------------------------
@@ -542,10 +552,11 @@ def _fit(cfg: FinetuneConfig, spec: TaskSpec, splits: dict, work: Path, run_dir:
     # a kind whose examples are not texts to label (images, sentence pairs) brings its own data module, with the
     # same loader(split); a kind that is not a classifier or tagger (a language model, a translator, an
     # autoencoder) brings its own module: a TaskModule subclass with evaluate() and the task's main dev metric
-    data = (kind.data_module(splits, built, cfg) if hasattr(kind, "data_module") else
+    # a task whose examples are not texts to label (span QA) brings them for every model kind (TASK_KINDS)
+    make_data, make_module = hook(kind, spec, "data_module"), hook(kind, spec, "task_module")
+    data = (make_data(splits, built, cfg) if make_data else
             TaskDataModule(splits, built.encoder, cfg.task.max_len, cfg.trainer.batch_size, cfg.trainer.num_workers))
-    module = kind.task_module(built, spec, cfg) if hasattr(kind, "task_module") else TaskModule(built.net, spec,
-                                                                                                  cfg.trainer)
+    module = make_module(built, spec, cfg) if make_module else TaskModule(built.net, spec, cfg.trainer)
     throughput = Throughput()
     log.info("fine-tuning %s (%s) on %s: %d train, %d dev examples", cfg.model.kind, built.describe.get("size"),
              spec.name, len(splits["train"]), len(splits["dev"]))
@@ -559,17 +570,19 @@ def _fit(cfg: FinetuneConfig, spec: TaskSpec, splits: dict, work: Path, run_dir:
 
     device = "cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     evaluated = {split: module.evaluate(data.loader(split), device) for split in splits if split != "train"}
-    if hasattr(kind, "report"):  # a kind's extra dev results and figures, written before the rename
-        evaluated["dev"] |= kind.report(module, data, work, device)
+    report = hook(kind, spec, "report")
+    if report:  # a kind's extra dev results and files (figures, predictions), written before the rename
+        evaluated["dev"] |= report(module, data, work, device)
     for split, metrics in evaluated.items():
         log.info("%s %s: %s", spec.name, split, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     meta = {"kind": cfg.model.kind, "task": spec.name, "labels": list(spec.labels), "max_len": cfg.task.max_len,
-            **built.meta}
+            **built.meta, **getattr(data, "meta", {})}  # a data module's own settings, for predict (span windows)
     save_for_predict(work / MODEL_DIR, module.net, built.encoder, meta)
     write_json(work / "results.json", {
         "task": spec.name,
         "split": "dev",
         "main_metric": spec.main_metric,  # what the leaderboard ranks this task by
+        "also_metrics": list(getattr(module, "also_metrics", ())),  # shown beside it (squad: exact_match)
         "higher_is_better": spec.higher_is_better,
         "metrics": evaluated["dev"],
         "splits": evaluated,  # every evaluated split: dev, and test where the task has one
@@ -599,9 +612,9 @@ def finetune_command(argv: list[str]) -> int:
     from pipeline.log import setup_logging
 
     parser = config_parser("finetune", "Fine-tune a model on a downstream task (Lightning): SST-2, GLUE's CoLA, "
-                           "MRPC, STS-B, RTE and WNLI, Rotten Tomatoes polarity, CoNLL-2003 NER or UD English POS. "
-                           "Writes checkpoints, metrics.jsonl, W&B (offline by default) and results.json into "
-                           "run_dir.", FinetuneConfig)
+                           "MRPC, STS-B, RTE and WNLI, Rotten Tomatoes polarity, CoNLL-2003 NER, UD English POS or "
+                           "SQuAD v1.1 span QA. Writes checkpoints, metrics.jsonl, W&B (offline by default) and "
+                           "results.json into run_dir.", FinetuneConfig)
     parser.add_argument("--force", action="store_true", help="replace a finished run directory")
     args = parser.parse_intermixed_args(argv)
     quiet = args.quiet or rank_zero_only.rank > 0

@@ -1,5 +1,6 @@
 """`bertpipe predict` (and `bertpipe serve`): a finished run's answer for each input — a label with its
-probability (of a text or a sentence pair), a pair's score (STS-B), each word's tag, or a translation.
+probability (of a text or a sentence pair), a pair's score (STS-B), each word's tag, a translation, or the
+span of a passage that answers a question (SQuAD).
 
 The run is rebuilt from its `model/` directory (safetensors weights, meta.json, tokenizer files) through the
 model kind's `restore()`; no Lightning checkpoint and no pickled code is loaded. Inputs are encoded and batched
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -196,8 +198,50 @@ class Translate(KindPredictor):
                 for text, piece, row in zip(texts, pieces, ids, strict=True)]
 
 
+class Span(KindPredictor):
+    """The span of the context that answers each question (SQuAD): the run's windows by doc stride, the n-best
+    (start, end) pairs of each, the best over the windows; the answer `text`, its `score` (start plus end logit;
+    null when no span fits), `probability` among the n-best, character `start`/`end` in the context as given,
+    the `n_best` list and how many `windows` the context took. `truncated`: the question was cut to the run's
+    max_query_len (contexts are never cut, only windowed)."""
+
+    shape = "question"
+
+    def __init__(self, net, encoder, meta, spec, device, n_best: int | None = None, **options):
+        from recipes.base import TrainerConfig
+        from recipes.squad import SpanModule, SpanSettings
+
+        super().__init__(net, encoder, meta, spec, device)
+        if n_best is not None and n_best < 1:
+            raise BertpipeError("--n-best must be positive")
+        self.settings = SpanSettings(meta["max_len"], meta["doc_stride"], meta["max_query_len"],
+                                     meta["max_answer_len"], n_best or meta["n_best"]).check()
+        self.module = SpanModule(self.net, spec, TrainerConfig(), self.settings).eval()
+
+    def prepare(self, item: Any, pretokenized: bool = False) -> dict:
+        question = super().prepare(item)["question"]
+        return {"question": question, "context": item["context"]}  # unstripped: answers are offsets into it
+
+    def answer(self, prepared: list[dict]) -> list[dict]:
+        from recipes.squad import Answers, SpanCollator, SquadExample, build_windows
+
+        examples = [SquadExample(str(i), "", p["context"], p["question"], [], []) for i, p in enumerate(prepared)]
+        features = build_windows(examples, self.encoder, self.settings)
+        batch = {k: v.to(self.device) for k, v in SpanCollator(self.encoder.pad_id)(features).items()}
+        answers = Answers(self.settings.n_best)
+        answers.add(features, *self.module.spans(self.module(batch), batch))
+        cut = [len(p) > self.settings.max_query_len for p in self.encoder.pieces([ex.question for ex in examples])]
+        out = []
+        for ex, truncated in zip(examples, cut, strict=True):
+            ranked = [c | {"score": c["score"] if math.isfinite(c["score"]) else None}
+                      for c in answers.n_best_list(ex.id)]
+            out.append({"question": ex.question, **ranked[0], "n_best": ranked,
+                        "windows": sum(1 for f in features if f["example"] is ex), "truncated": truncated})
+        return out
+
+
 KINDS: dict[str, type[KindPredictor]] = {"classify": Classify, "regress": Regress, "tag": Tag,  # task kind ->
-                                         "translate": Translate}
+                                         "translate": Translate, "span": Span}
 NOT_SERVED = {"rnn_lm": "writes sentences (bertpipe generate)", "autoencoder": "rebuilds its inputs"}  # model kinds
 
 
@@ -217,7 +261,7 @@ class Predictor:
 
     @property
     def kind(self) -> str:
-        """The task kind: classify, regress, tag, translate (a key of KINDS)."""
+        """The task kind: classify, regress, tag, translate, span (a key of KINDS)."""
         return self.spec.kind
 
     @property
@@ -248,8 +292,11 @@ class Predictor:
 
 
 def format_line(result: dict) -> str:
-    """`label<TAB>probability<TAB>text`, `score<TAB>text` (a pair: `text_a<TAB>text_b`), `word/TAG ...`, or the
-    translation."""
+    """`label<TAB>probability<TAB>text`, `score<TAB>text` (a pair: `text_a<TAB>text_b`), `word/TAG ...`, the
+    translation, or `answer<TAB>score<TAB>probability<TAB>question`."""
+    if "question" in result:  # a span: answer<TAB>score<TAB>probability<TAB>question
+        score = result["score"] if result["score"] is not None else -math.inf
+        return f"{result['text']}\t{score:.4f}\t{result['probability']:.4f}\t{result['question']}"
     text = f"{result['text_a']}\t{result['text_b']}" if "text_a" in result else result.get("text")
     if "score" in result:
         return f"{result['score']:.4f}\t{text}"
@@ -285,6 +332,24 @@ def _read_pairs(path: str) -> list[dict]:
     return pairs
 
 
+def _questions(args: argparse.Namespace, texts: list, span: bool, task: str) -> list[dict]:
+    """A span run's inputs: each --question about the one passage (--context or --context-file)."""
+    if not span:
+        raise BertpipeError(f"{args.run}: a {task} run answers questions: give --question and --context")
+    if texts or args.input or args.pair:
+        raise BertpipeError("--question takes no texts to label: give the passage with --context or --context-file")
+    if args.context_file:
+        try:
+            context = sys.stdin.read() if args.context_file == "-" else Path(args.context_file).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise BertpipeError(f"{args.context_file}: cannot read: {err}") from None
+    else:
+        context = args.context or ""
+    if not args.question or not context.strip():
+        raise BertpipeError("span QA needs --question and a passage (--context TEXT or --context-file FILE)")
+    return [{"question": q, "context": context} for q in args.question]
+
+
 def predict_command(argv: list[str]) -> int:
     from pipeline.log import setup_logging
 
@@ -293,7 +358,9 @@ def predict_command(argv: list[str]) -> int:
         description="Answer texts with a finished finetune run: the label and its probability for sentiment "
                     "and CoLA, a sentence pair's label (MRPC, RTE, WNLI), a pair's score (STS-B), each word's "
                     "tag for NER and POS, the translation for seq2seq runs. One output line per input text or "
-                    "pair.")
+                    "pair. A squad run answers --question about --context instead: "
+                    "answer<TAB>score<TAB>probability<TAB>question (the score is the start plus the end logit, the "
+                    "probability its share of the n-best).")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished `bertpipe finetune` run directory")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
@@ -304,14 +371,26 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--pretokenized", action="store_true", help="tagging: words are split on whitespace only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    qa = parser.add_argument_group("span QA (a squad run)")
+    qa.add_argument("--question", action="append", help="a question about the passage (repeat for several)")
+    passage = qa.add_mutually_exclusive_group()
+    passage.add_argument("--context", help="the passage the answer is cut from")
+    passage.add_argument("--context-file", metavar="FILE", help="the passage, read from FILE ('-' for stdin)")
+    qa.add_argument("--n-best", type=int, help="candidates kept per question (default: the run's task.n_best)")
     args = parser.parse_args(argv)
     setup_logging(quiet=True)
     texts: list = [t for t in args.texts if t.strip()]
-    if not texts and not args.pair and not args.input:
-        raise BertpipeError("nothing to label: give texts, --pair A B or --input FILE")
-    predictor = Predictor(args.run, args.device, args.batch_size)
+    span = bool(args.question or args.context is not None or args.context_file)
+    if not span and not texts and not args.pair and not args.input:
+        raise BertpipeError("nothing to label: give texts, --pair A B, --input FILE, or --question and --context")
+    predictor = Predictor(args.run, args.device, args.batch_size, n_best=args.n_best)
     task = predictor.spec.name
-    if predictor.shape == "pair":
+    if predictor.shape == "question":
+        texts = _questions(args, texts, span, task)
+    elif span:
+        raise BertpipeError(f"{args.run}: a {task} run answers no questions (--question needs a squad run); give "
+                            "texts to label instead")
+    elif predictor.shape == "pair":
         if texts:
             raise BertpipeError(f"task {task} labels sentence pairs: give --pair A B or --input FILE of A<TAB>B lines")
         texts = [{"a": a, "b": b} for a, b in args.pair] + (_read_pairs(args.input) if args.input else [])

@@ -8,6 +8,7 @@ number, so a broken input stops a run before any training starts:
     glue.py          GLUE's TSVs: CoLA, MRPC, RTE, WNLI, STS-B; sentence pairs and their encoding
     translation.py   line-aligned parallel text: Multi30k
     autoencoding.py  what the autoencoders rebuild: digits, corpus sentences
+    squad.py         SQuAD v1.1 JSON: questions, contexts, answers (span QA; windows in recipes/squad.py)
     hf_datasets.py   any split held as an HF dataset (save_to_disk, .arrow, .parquet), read by column
 
 Everything is model-agnostic: a model kind supplies a `TextEncoder` (BERT's WordPiece here; a word-level
@@ -40,17 +41,18 @@ from recipes.tasks.autoencoding import DIGITS, SENTENCE_WORDS, ImageExample, rea
 from recipes.tasks.files import label_id, read_lines
 from recipes.tasks.glue import GLUE_TASKS, TextPairExample, encode_pairs, read_glue, truncate_pair
 from recipes.tasks.hf_datasets import dataset_files, is_dataset, read_dataset
+from recipes.tasks.squad import SquadExample, read_squad
 from recipes.tasks.tagging import NER_TAGS, UPOS_TAGS, TaggedExample, read_conll, read_conllu
 from recipes.tasks.text import TextExample, read_labelled_tsv, read_polarity, read_word_order, split_words
 from recipes.tasks.translation import PairExample, read_pairs
 
 __all__ = [
-    "Collator", "DIGITS", "GLUE_TASKS", "ImageExample", "NER_TAGS", "PairExample", "SENTENCE_WORDS", "SPLITS", "TASKS",
-    "TaggedExample", "TaskConfig", "TaskDataModule", "TaskSpec", "TextEncoder", "TextExample", "TextPairExample",
-    "UPOS_TAGS", "WordPieceEncoder", "align_words", "encode", "encode_pairs", "encode_text", "get_task", "input_files",
-    "is_dataset", "label_id", "read_conll", "read_conllu", "read_dataset", "read_digits", "read_glue",
-    "read_labelled_tsv", "read_lines", "read_pairs", "read_polarity", "read_sentences", "read_splits",
-    "read_word_order", "split_words", "truncate_pair",
+    "Collator", "DIGITS", "GLUE_TASKS", "ImageExample", "NER_TAGS", "PairExample", "SENTENCE_WORDS", "SPLITS",
+    "SquadExample", "TASKS", "TaggedExample", "TaskConfig", "TaskDataModule", "TaskSpec", "TextEncoder", "TextExample",
+    "TextPairExample", "UPOS_TAGS", "WordPieceEncoder", "align_words", "encode", "encode_pairs", "encode_text",
+    "get_task", "input_files", "is_dataset", "label_id", "read_conll", "read_conllu", "read_dataset", "read_digits",
+    "read_glue", "read_labelled_tsv", "read_lines", "read_pairs", "read_polarity", "read_sentences", "read_splits",
+    "read_squad", "read_word_order", "split_words", "truncate_pair",
 ]
 SPLITS = ("train", "dev", "test")
 
@@ -58,7 +60,7 @@ SPLITS = ("train", "dev", "test")
 @dataclass
 class TaskConfig:
     name: str = "sst2"  # a key of TASKS: sst2 | rt_polarity | conll2003 | ud_pos | word_order | multi30k | digits
-    # | sentences | cola | mrpc | stsb | rte | wnli
+    # | sentences | cola | mrpc | stsb | rte | wnli | squad
     data_dir: str = "${oc.env:DATA_DIR,../shared/data}"
     train: str = ""  # file (or, for rt_polarity, the path without .pos/.neg) of each split; "" or null = none
     dev: str | None = ""
@@ -73,6 +75,11 @@ class TaskConfig:
     label_column: str = "label"  # classification: the label (its index, or its name; ClassLabel names are matched)
     words_column: str = "tokens"  # tagging: the words of a sentence (a list of strings)
     tags_column: str = "tags"  # tagging: their tags (indices or names, as the label column)
+    # span tasks (squad; recipes/squad.py): windows over long contexts and the decoding of answers
+    doc_stride: int = 128  # context pieces two consecutive windows share
+    max_query_len: int = 64  # question pieces kept
+    max_answer_len: int = 30  # pieces of the longest answer decoded
+    n_best: int = 20  # (start, end) candidates kept per window and per question
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -92,7 +99,8 @@ class TaskSpec:
 
     name: str
     kind: str  # "classify": one label per text (or pair); "regress": one score per text (or pair); "tag": one tag
-    # per word; "translate": a text per text; "image" or "sentences": inputs an autoencoder rebuilds
+    # per word; "translate": a text per text; "image" or "sentences": inputs an autoencoder rebuilds; "span": an
+    # answer's start and end in a context (labels: the two logits of each position)
     labels: tuple[str, ...]  # empty for "regress" (one output: the score)
     reader: Callable[[Path, TaskSpec], list]
     main_metric: str  # on the dev split: picks the best checkpoint and heads the leaderboard
@@ -116,6 +124,7 @@ class TaskSpec:
         return [ex for suffix in self.suffixes for ex in self.reader(Path(f"{path}{suffix}"), self)]
 
     def files(self, path: str | Path) -> list[Path]:
+        path = str(path).partition("#")[0]  # a reader's selection within the file (squad: `#articles=0-37`)
         return [Path(f"{path}{suffix}") for suffix in self.suffixes]
 
 
@@ -139,6 +148,7 @@ TASKS: dict[str, TaskSpec] = {
     "stsb": TaskSpec("stsb", "regress", (), read_glue, "pearson_spearman", pair=True, mean_of=("pearson", "spearman")),
     "rte": TaskSpec("rte", "classify", ("entailment", "not_entailment"), read_glue, "accuracy", pair=True),
     "wnli": TaskSpec("wnli", "classify", ("not_entailment", "entailment"), read_glue, "accuracy", pair=True),
+    "squad": TaskSpec("squad", "span", ("start", "end"), read_squad, "f1"),  # SQuAD v1.1: EM/F1 of answer spans
 }
 
 
