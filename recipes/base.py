@@ -6,9 +6,10 @@ in their loop. The model kind named by `model.kind` is a module (MODEL_KINDS) wi
     build(cfg: FinetuneConfig, spec: TaskSpec) -> Built     # the network and its text encoder, fresh
     restore(meta: dict, directory: Path) -> (net, encoder)  # the same, rebuilt from a run's model/ directory
 
-A network maps `(input_ids, attention_mask, token_type_ids)` to logits, one row per sequence ("classify")
-or per position ("tag"). Everything else — data, AdamW with linear warmup and decay, metrics, checkpoints,
-`metrics.jsonl`, W&B, `results.json` and the weights `predict` reads — is here, once.
+A network maps `(input_ids, attention_mask, token_type_ids)` to logits, one row per sequence ("classify"; a
+sentence pair is one sequence, its second segment of token type 1), one score per sequence ("regress", a
+single output) or a row per position ("tag"). Everything else — data, AdamW with linear warmup and decay,
+metrics, checkpoints, `metrics.jsonl`, W&B, `results.json` and the weights `predict` reads — is here, once.
 
 A run directory is built as `<run_dir>.incomplete/` and renamed when finished:
 
@@ -56,7 +57,10 @@ log = logging.getLogger(__name__)
 
 MODEL_KINDS = {"bert": "recipes.bert", "rnn": "recipes.rnn", "pooled": "recipes.rnn",  # model.kind -> module
                "rnn_lm": "recipes.rnn",  # with build() and restore(), and optionally task_module()
-               "seq2seq": "recipes.seq2seq", "autoencoder": "recipes.autoencoder"}
+               "seq2seq": "recipes.seq2seq", "autoencoder": "recipes.autoencoder",
+               "rnn_reader": "recipes.reader"}  # span QA: the RNN reader beside BERT's span head
+# a task kind whose data, module and report serve every model kind that answers it (before the model kind's own)
+TASK_KINDS = {"span": "recipes.squad"}
 PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}  # the project's names -> Lightning's
 STRATEGIES = ("auto", "ddp", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2")
 MODEL_DIR = "model"  # in a run directory: weights, meta.json and tokenizer files for `predict`
@@ -76,6 +80,9 @@ class RnnConfig:
     bidirectional: bool = False
     dropout: float = 0.0  # between stacked layers (and before the output layer)
     embed_dim: int = 128
+    pooling: str = "last"  # a text's vector: last (final states) | max | mean over the outputs (InferSent: max)
+    mlp_hidden: int = 0  # > 0: an MLP with one tanh hidden layer this wide on the text's (or pair's) vector,
+    # not one linear layer (GLUE's baselines: 512)
     init_embeddings: str | None = None  # a BERT (pretraining run, HF dir, checkpoint): its word embeddings, projected
     truncate_bptt: int = 0  # > 0: gradients flow back at most this many steps (the state is detached every k steps)
     word_vocab: bool = False  # a word-level vocabulary from the training split instead of WordPiece
@@ -89,6 +96,10 @@ class RnnConfig:
             raise ValueError("model.rnn.explicit is the Elman cell: set model.rnn.cell=rnn")
         if self.truncate_bptt and self.bidirectional:
             raise ValueError("model.rnn.truncate_bptt needs a unidirectional RNN (the backward pass sees the future)")
+        if self.pooling not in ("last", "max", "mean"):
+            raise ValueError("model.rnn.pooling must be last, max or mean")
+        if self.mlp_hidden < 0:
+            raise ValueError("model.rnn.mlp_hidden must be >= 0")
         if min(self.hidden, self.layers, self.embed_dim) < 1 or not 0 <= self.dropout < 1:
             raise ValueError("model.rnn.hidden, layers and embed_dim must be positive, dropout in [0, 1)")
 
@@ -225,14 +236,23 @@ def model_kind(name: str):
     return importlib.import_module(MODEL_KINDS[name])
 
 
+def hook(kind, spec: TaskSpec, name: str):
+    """fit()'s optional `name` hook (data_module, task_module, report): the task kind's, else the model kind's."""
+    if spec.kind in TASK_KINDS:
+        return getattr(importlib.import_module(TASK_KINDS[spec.kind]), name, None)
+    return getattr(kind, name, None)
+
+
 # ---- the task module -------------------------------------------------------------------------------------
 
 
 class TaskModule(L.LightningModule):
-    """Any network on any task of recipes/tasks.py: loss, predictions, metrics, optimizer and schedule.
+    """Any network on any task of recipes/tasks/: loss, predictions, metrics, optimizer and schedule.
 
-    For tagging, the network's per-piece logits are gathered at each word's first piece, so the loss, the
-    predictions and the metrics are per word; words cut off by `max_len` get the task's default tag.
+    Classification: cross-entropy, the argmax. Regression: the single output is the score, with mean squared
+    error (HF's `problem_type="regression"`). Tagging: the network's per-piece logits are gathered at each
+    word's first piece, so the loss, the predictions and the metrics are per word; words cut off by `max_len`
+    get the task's default tag.
     """
 
     def __init__(self, net: nn.Module, spec: TaskSpec, optim: TrainerConfig | None = None):
@@ -246,18 +266,22 @@ class TaskModule(L.LightningModule):
         return build_metrics(self.spec, **kwargs)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits: (B, labels) per sequence, or (B, W, labels) per word."""
+        """Logits: (B, labels) per sequence, (B,) scores, or (B, W, labels) per word."""
         logits = self.net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         if self.spec.kind == "tag":
             index = batch["word_starts"].clamp(min=0)[..., None].expand(-1, -1, logits.size(-1))
             logits = torch.gather(logits, 1, index)
+        elif self.spec.kind == "regress":
+            logits = logits.squeeze(-1)
         return logits
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Gold label ids for the metrics; -100 on padding."""
-        return batch["labels"] if self.spec.kind == "classify" else batch["tags"]
+        """Gold label ids (-100 on padding) or scores for the metrics."""
+        return batch["tags"] if self.spec.kind == "tag" else batch["labels"]
 
     def predictions(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.spec.kind == "regress":
+            return logits.float()
         preds = logits.argmax(-1)
         if self.spec.kind == "tag":
             preds = preds.masked_fill(batch["word_starts"] < 0, self.default_tag)
@@ -265,6 +289,8 @@ class TaskModule(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         target = self.targets(batch)
+        if self.spec.kind == "regress":
+            return F.mse_loss(logits.float(), target.float())
         if self.spec.kind == "tag":  # cut-off words have no logits of their own
             target = target.masked_fill(batch["word_starts"] < 0, -100)
         return F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), ignore_index=-100)
@@ -526,10 +552,11 @@ def _fit(cfg: FinetuneConfig, spec: TaskSpec, splits: dict, work: Path, run_dir:
     # a kind whose examples are not texts to label (images, sentence pairs) brings its own data module, with the
     # same loader(split); a kind that is not a classifier or tagger (a language model, a translator, an
     # autoencoder) brings its own module: a TaskModule subclass with evaluate() and the task's main dev metric
-    data = (kind.data_module(splits, built, cfg) if hasattr(kind, "data_module") else
+    # a task whose examples are not texts to label (span QA) brings them for every model kind (TASK_KINDS)
+    make_data, make_module = hook(kind, spec, "data_module"), hook(kind, spec, "task_module")
+    data = (make_data(splits, built, cfg) if make_data else
             TaskDataModule(splits, built.encoder, cfg.task.max_len, cfg.trainer.batch_size, cfg.trainer.num_workers))
-    module = kind.task_module(built, spec, cfg) if hasattr(kind, "task_module") else TaskModule(built.net, spec,
-                                                                                                  cfg.trainer)
+    module = make_module(built, spec, cfg) if make_module else TaskModule(built.net, spec, cfg.trainer)
     throughput = Throughput()
     log.info("fine-tuning %s (%s) on %s: %d train, %d dev examples", cfg.model.kind, built.describe.get("size"),
              spec.name, len(splits["train"]), len(splits["dev"]))
@@ -543,17 +570,19 @@ def _fit(cfg: FinetuneConfig, spec: TaskSpec, splits: dict, work: Path, run_dir:
 
     device = "cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     evaluated = {split: module.evaluate(data.loader(split), device) for split in splits if split != "train"}
-    if hasattr(kind, "report"):  # a kind's extra dev results and figures, written before the rename
-        evaluated["dev"] |= kind.report(module, data, work, device)
+    report = hook(kind, spec, "report")
+    if report:  # a kind's extra dev results and files (figures, predictions), written before the rename
+        evaluated["dev"] |= report(module, data, work, device)
     for split, metrics in evaluated.items():
         log.info("%s %s: %s", spec.name, split, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     meta = {"kind": cfg.model.kind, "task": spec.name, "labels": list(spec.labels), "max_len": cfg.task.max_len,
-            **built.meta}
+            **built.meta, **getattr(data, "meta", {})}  # a data module's own settings, for predict (span windows)
     save_for_predict(work / MODEL_DIR, module.net, built.encoder, meta)
     write_json(work / "results.json", {
         "task": spec.name,
         "split": "dev",
         "main_metric": spec.main_metric,  # what the leaderboard ranks this task by
+        "also_metrics": list(getattr(module, "also_metrics", ())),  # shown beside it (squad: exact_match)
         "higher_is_better": spec.higher_is_better,
         "metrics": evaluated["dev"],
         "splits": evaluated,  # every evaluated split: dev, and test where the task has one
@@ -582,9 +611,10 @@ def finetune_command(argv: list[str]) -> int:
     from pipeline.cli import config_parser
     from pipeline.log import setup_logging
 
-    parser = config_parser("finetune", "Fine-tune a model on a downstream task (Lightning): SST-2, Rotten Tomatoes "
-                           "polarity, CoNLL-2003 NER or UD English POS. Writes checkpoints, metrics.jsonl, W&B "
-                           "(offline by default) and results.json into run_dir.", FinetuneConfig)
+    parser = config_parser("finetune", "Fine-tune a model on a downstream task (Lightning): SST-2, GLUE's CoLA, "
+                           "MRPC, STS-B, RTE and WNLI, Rotten Tomatoes polarity, CoNLL-2003 NER, UD English POS or "
+                           "SQuAD v1.1 span QA. Writes checkpoints, metrics.jsonl, W&B (offline by default) and "
+                           "results.json into run_dir.", FinetuneConfig)
     parser.add_argument("--force", action="store_true", help="replace a finished run directory")
     args = parser.parse_intermixed_args(argv)
     quiet = args.quiet or rank_zero_only.rank > 0

@@ -1,9 +1,12 @@
 """BERT heads for fine-tuning, and the encoder they sit on: the `bert` model kind of recipes/base.py.
 
-The heads keep HF's module names (`bert.*`, `classifier.*`), so their weights load into
-`transformers.BertForSequenceClassification` / `BertForTokenClassification` by a key copy (bench/finetune.py
-relies on it). The encoder comes from a pretraining run directory (its `export/`), any HF BERT directory or a
-bertpipe checkpoint (`pipeline.hf_interop.load_hf`), or is built at random from a preset.
+The heads keep HF's module names (`bert.*`, `classifier.*`, `qa_outputs.*`), so their weights load into
+`transformers.BertForSequenceClassification` / `BertForTokenClassification` / `BertForQuestionAnswering` by a
+key copy (bench/finetune.py relies on it). Sentence pairs need no head of their own: `[CLS] a [SEP] b [SEP]`
+with token types 0/1 is one sequence, classified from the pooled [CLS]; regression (STS-B) is the same head
+with one output, which is `BertForSequenceClassification(num_labels=1)`, trained with mean squared error as
+HF's `problem_type="regression"`. The encoder comes from a pretraining run directory (its `export/`), any HF
+BERT directory or a bertpipe checkpoint (`pipeline.hf_interop.load_hf`), or is built at random from a preset.
 """
 
 from __future__ import annotations
@@ -60,7 +63,24 @@ class BertTokenClassifier(nn.Module):
         return self.classifier(self.dropout(hidden))
 
 
-HEADS: dict[str, type[nn.Module]] = {"classify": BertSequenceClassifier, "tag": BertTokenClassifier}
+class BertSpanHead(nn.Module):
+    """Start and end logits at every position, (B, S, 2), from a linear layer on the last hidden states: HF's
+    BertForQuestionAnswering (`qa_outputs`, no pooler, no dropout before it)."""
+
+    def __init__(self, bert: BertModel, num_labels: int = 2, dropout: float | None = None):
+        super().__init__()
+        bert.pooler = nn.Identity()
+        self.bert = bert
+        self.qa_outputs = nn.Linear(bert.config.hidden_size, num_labels)
+        init_weights(self.qa_outputs, bert.config.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.qa_outputs(self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state)
+
+
+HEADS: dict[str, type[nn.Module]] = {"classify": BertSequenceClassifier, "regress": BertSequenceClassifier,
+                                     "tag": BertTokenClassifier, "span": BertSpanHead}
 
 
 def size_name(config: BertConfig) -> str:
@@ -119,7 +139,7 @@ def load_encoder(cfg: FinetuneConfig) -> tuple[BertModel, WordPieceEncoder, dict
 
 def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
     bert, encoder, describe, inputs = load_encoder(cfg)
-    net = HEADS[spec.kind](bert, len(spec.labels), cfg.model.dropout)
+    net = HEADS[spec.kind](bert, spec.num_outputs, cfg.model.dropout)
     meta = {"config": dataclasses.asdict(bert.config), "dropout": cfg.model.dropout}
     return Built(net, encoder, meta, describe, inputs)
 
@@ -128,5 +148,5 @@ def restore(meta: dict, directory: Path) -> tuple[nn.Module, WordPieceEncoder]:
     from recipes.tasks import get_task
 
     config = BertConfig(**meta["config"])
-    head = HEADS[get_task(meta["task"]).kind]
-    return head(BertModel(config), len(meta["labels"]), meta["dropout"]), WordPieceEncoder(directory)
+    spec = get_task(meta["task"])
+    return HEADS[spec.kind](BertModel(config), spec.num_outputs, meta["dropout"]), WordPieceEncoder(directory)

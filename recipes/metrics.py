@@ -1,23 +1,30 @@
 """Metrics per task kind, as torchmetrics objects so that DDP ranks sync their states before computing.
 
 Sequence classification: accuracy, and precision/recall/F1 of the positive class (label 1) for two labels, their
-macro average over labels otherwise. Tagging, per word: accuracy, and for an IOB2 scheme (NER) entity-level
-precision/recall/F1 from seqeval (conlleval's rules: an entity counts only if its span and type are exact),
-else the macro average over tags.
+macro average over labels otherwise; a task may ask for more (`TaskSpec.metrics`: "mcc", Matthews correlation,
+CoLA's metric). Regression: Pearson and Spearman correlation and the mean squared error. Tagging, per word:
+accuracy, and for an IOB2 scheme (NER) entity-level precision/recall/F1 from seqeval (conlleval's rules: an
+entity counts only if its span and type are exact), else the macro average over tags. A task whose main metric
+is a mean of others (`TaskSpec.mean_of`: GLUE's MRPC, mean of F1 and accuracy; STS-B, of Pearson and Spearman)
+gets it computed beside them.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from seqeval.metrics import f1_score, precision_score, recall_score
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanSquaredError, Metric, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryF1Score,
+    BinaryMatthewsCorrCoef,
     BinaryPrecision,
     BinaryRecall,
     MulticlassAccuracy,
     MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
     MulticlassPrecision,
     MulticlassRecall,
 )
@@ -77,8 +84,49 @@ class TaggingMetrics(Metric):
         return out
 
 
+def _mcc(num_labels: int, **kwargs) -> Metric:
+    return BinaryMatthewsCorrCoef(**kwargs) if num_labels == 2 else MulticlassMatthewsCorrCoef(num_labels, **kwargs)
+
+
+EXTRA = {"mcc": _mcc}  # TaskSpec.metrics -> a factory taking the number of labels
+
+
+def regression_metrics(**kwargs) -> MetricCollection:
+    """`update(preds, target)` with scores of shape (B,)."""
+    with warnings.catch_warnings():  # Spearman keeps every prediction: a dev split's worth is small
+        warnings.filterwarnings("ignore", ".*will save all targets and predictions.*")
+        return MetricCollection({"pearson": PearsonCorrCoef(**kwargs), "spearman": SpearmanCorrCoef(**kwargs),
+                                 "mse": MeanSquaredError(**kwargs)})
+
+
+class WithMeans(MetricCollection):
+    """A collection that also reports the mean of some of its metrics under one name (GLUE's combined scores).
+
+    A correlation of constant predictions is undefined (torchmetrics gives NaN); it counts as 0 here, what a
+    predictor that knows nothing scores, so a run's first evaluations stay comparable.
+    """
+
+    def __init__(self, metrics: MetricCollection, means: dict[str, tuple[str, ...]]):
+        super().__init__(dict(metrics.items(keep_base=True, copy_state=False)), compute_groups=False)
+        self.means = means
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*variance of predictions or target is close to zero.*")
+            out = {k: torch.nan_to_num(v.float(), nan=0.0) if k in ("pearson", "spearman") else v
+                   for k, v in super().compute().items()}
+        for name, parts in self.means.items():
+            out[name] = torch.stack([out[p].float() for p in parts]).mean()
+        return out
+
+
 def build_metrics(spec: TaskSpec, **kwargs) -> Metric | MetricCollection:
     """The metrics of a task; kwargs go to torchmetrics (e.g. sync_on_compute=False for a one-process loop)."""
-    if spec.kind == "classify":
-        return classification_metrics(len(spec.labels), **kwargs)
-    return TaggingMetrics(spec.labels, spec.scheme, **kwargs)
+    if spec.kind == "tag":
+        return TaggingMetrics(spec.labels, spec.scheme, **kwargs)
+    if spec.kind == "regress":
+        metrics = regression_metrics(**kwargs)
+    else:
+        metrics = classification_metrics(len(spec.labels), **kwargs)
+        metrics.add_metrics({name: EXTRA[name](len(spec.labels), **kwargs) for name in spec.metrics})
+    return WithMeans(metrics, {spec.main_metric: spec.mean_of} if spec.mean_of else {})

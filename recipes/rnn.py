@@ -4,7 +4,10 @@
 - many-to-many, aligned (`rnn`, task kind tag): every position's output -> tags (the base reads first pieces);
 - one-to-many (`rnn_lm`): a label sets the initial state and the network writes a sentence token by token,
   each sampled token fed back as the next input (`LabelLM.generate`, `bertpipe generate`);
-- one-to-one (`pooled`): mean-pooled embeddings, one vector, one linear classifier, for contrast.
+- one-to-one (`pooled`): mean-pooled embeddings, one vector, one linear classifier, for contrast;
+- sentence pairs (`rnn` or `pooled` on a pair task, InferSent-style as GLUE's own baselines): one shared
+  encoder reads each sentence, u and v are pooled (max, mean or the final states), and an MLP classifies or
+  scores [u; v; |u - v|; u * v]. With `pooled` the encoder is the mean of the embeddings (GLUE's CBOW).
 
 The recurrence is either torch's fused nn.RNN / nn.LSTM / nn.GRU over packed sequences, or `ElmanRNN`, the
 Elman equations h_t = tanh(W_xh x_t + b_ih + W_hh h_{t-1} + b_hh) unrolled in a Python loop, so that
@@ -31,7 +34,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.errors import BertpipeError
 from recipes.base import Built, FinetuneConfig, RnnConfig, TaskModule, load_net, tokenizer_files
-from recipes.tasks import TaskSpec, TextEncoder, TextExample, WordPieceEncoder, read_splits, split_words
+from recipes.tasks import (
+    TaskSpec,
+    TextEncoder,
+    TextExample,
+    TextPairExample,
+    WordPieceEncoder,
+    read_splits,
+    split_words,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,22 +200,96 @@ class Embeddings(nn.Module):
         return self.project(self.word_embeddings(input_ids))
 
 
+def head(width: int, hidden: int, outputs: int, dropout: float) -> nn.Module:
+    """One linear layer, or (hidden > 0) an MLP with one tanh hidden layer, as GLUE's baselines classify."""
+    if not hidden:
+        return nn.Linear(width, outputs)
+    return nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, outputs))
+
+
+def pool(out: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, S, D) outputs -> (B, D): the maximum or the mean over each sequence's real positions (mask 1)."""
+    mask = mask.bool()[..., None]
+    if how == "max":
+        return out.masked_fill(~mask, -torch.inf).max(1).values
+    return (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 class RnnNet(nn.Module):
-    """Many-to-one (a label per sequence, from the final states) or many-to-many (a tag per position)."""
+    """Many-to-one (a label per sequence, from the final states or pooled outputs) or many-to-many (a tag per
+    position)."""
 
     def __init__(self, vocab_size: int, pad_id: int, cfg: RnnConfig, num_labels: int, per_token: bool,
                  source_dim: int | None = None):
         super().__init__()
-        self.per_token = per_token
+        self.per_token, self.pooling = per_token, cfg.pooling
         self.embed = Embeddings(vocab_size, pad_id, cfg.embed_dim, source_dim)
         self.rnn = Recurrent(cfg, cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(self.rnn.output_size, num_labels)
+        self.classifier = head(self.rnn.output_size, 0 if per_token else cfg.mlp_hidden, num_labels, cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         out, state = self.rnn(self.dropout(self.embed(input_ids)), attention_mask.sum(1))
-        return self.classifier(self.dropout(out if self.per_token else self.rnn.summary(state)))
+        if self.per_token:
+            return self.classifier(self.dropout(out))
+        summary = self.rnn.summary(state) if self.pooling == "last" else pool(out, attention_mask, self.pooling)
+        return self.classifier(self.dropout(summary))
+
+
+class PairNet(nn.Module):
+    """InferSent's pair classifier (Conneau et al. 2017; GLUE's baselines, Wang et al. 2019): one sentence
+    encoder, shared, reads each side of the pair; u and v are pooled, and an MLP (`mlp_hidden`, one tanh
+    hidden layer) maps [u; v; |u - v|; u * v] to labels or a score.
+
+    The pair arrives as the data side encodes it for every model, segments one after the other with token types
+    0 and 1 (`a [SEP] b [SEP]` for WordPiece: no [CLS], so both sides are encoded alike); the two segments are
+    cut apart here and run through the encoder as one batch of 2B sentences. Without an RNN (`recurrent`
+    false) a sentence is the mean of its embeddings (GLUE's CBOW).
+    """
+
+    def __init__(self, vocab_size: int, pad_id: int, cfg: RnnConfig, num_outputs: int,
+                 source_dim: int | None = None, recurrent: bool = True):
+        super().__init__()
+        self.pad_id = pad_id
+        self.pooling = cfg.pooling if recurrent else "mean"
+        self.embed = Embeddings(vocab_size, pad_id, cfg.embed_dim, source_dim)
+        self.rnn = Recurrent(cfg, cfg.embed_dim) if recurrent else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        width = 4 * (self.rnn.output_size if recurrent else cfg.embed_dim)
+        self.classifier = head(width, cfg.mlp_hidden, num_outputs, cfg.dropout)
+
+    def segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both segments of every pair, each from position 0: (2B, S') ids (first all a's, then all b's) and
+        lengths (at least 1: an empty side is read as one padding token)."""
+        valid = attention_mask.bool()
+        len_a, len_b = (valid & (token_type_ids == 0)).sum(1), (valid & (token_type_ids == 1)).sum(1)
+        positions = torch.arange(max(int(len_a.max()), int(len_b.max()), 1), device=input_ids.device)[None, :]
+        last = input_ids.size(1) - 1
+        ids = torch.cat([input_ids.gather(1, positions.expand(len(input_ids), -1).clamp(max=last)),
+                         input_ids.gather(1, (len_a[:, None] + positions).clamp(max=last))])
+        lengths = torch.cat([len_a, len_b]).clamp(min=1)
+        return ids.masked_fill(positions >= lengths[:, None], self.pad_id), lengths
+
+    def vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u and v, (B, D) each: the shared encoder's vector of each side."""
+        ids, lengths = self.segments(input_ids, attention_mask, token_type_ids)
+        mask = torch.arange(ids.size(1), device=ids.device)[None, :] < lengths[:, None]
+        x = self.dropout(self.embed(ids))
+        if self.rnn is None:
+            vectors = pool(x, mask, "mean")
+        else:
+            out, state = self.rnn(x, lengths)
+            vectors = self.rnn.summary(state) if self.pooling == "last" else pool(out, mask, self.pooling)
+        u, v = vectors.chunk(2)
+        return u, v
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        u, v = self.vectors(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], -1)))
 
 
 class PooledNet(nn.Module):
@@ -348,21 +433,35 @@ def decode(encoder: TextEncoder, ids: list[int]) -> str:
 # ---- build and restore (recipes/base.py's model-kind interface) ------------------------------------------
 
 
-def _net(kind: str, task_kind: str, vocab_size: int, pad_id: int, cfg: RnnConfig, num_labels: int,
-         source_dim: int | None) -> nn.Module:
-    if kind == "pooled":
-        if task_kind != "classify":
-            raise BertpipeError("model.kind=pooled classifies whole texts: use kind rnn for a tagging task")
-        return PooledNet(vocab_size, pad_id, cfg, num_labels, source_dim)
+def _net(kind: str, spec: TaskSpec, vocab_size: int, pad_id: int, cfg: RnnConfig, source_dim: int | None
+         ) -> nn.Module:
     if kind == "rnn_lm":
-        if task_kind != "classify" or cfg.bidirectional:
+        if spec.kind != "classify" or spec.pair or cfg.bidirectional:
             raise BertpipeError("model.kind=rnn_lm is a unidirectional LM conditioned on a labelled text task's label")
-        return LabelLM(vocab_size, pad_id, cfg, num_labels, source_dim)
-    return RnnNet(vocab_size, pad_id, cfg, num_labels, task_kind == "tag", source_dim)
+        return LabelLM(vocab_size, pad_id, cfg, len(spec.labels), source_dim)
+    if spec.pair:
+        return PairNet(vocab_size, pad_id, cfg, spec.num_outputs, source_dim, recurrent=kind == "rnn")
+    if kind == "pooled":
+        if spec.kind == "tag":
+            raise BertpipeError("model.kind=pooled classifies whole texts: use kind rnn for a tagging task")
+        return PooledNet(vocab_size, pad_id, cfg, spec.num_outputs, source_dim)
+    return RnnNet(vocab_size, pad_id, cfg, spec.num_outputs, spec.kind == "tag", source_dim)
 
 
 def _texts(examples: list) -> Iterable[str]:
-    return (ex.text if isinstance(ex, TextExample) else " ".join(ex.words) for ex in examples)
+    for ex in examples:
+        if isinstance(ex, TextPairExample):
+            yield from (ex.text_a, ex.text_b)
+        else:
+            yield ex.text if isinstance(ex, TextExample) else " ".join(ex.words)
+
+
+def _segments(encoder: TextEncoder, spec: TaskSpec) -> TextEncoder:
+    """A pair task's RNN reads each sentence as its own sequence: no [CLS] in front of the first (the second
+    has none), so the shared encoder sees both sides alike; [SEP] still ends each."""
+    if spec.pair:
+        encoder.prefix = []
+    return encoder
 
 
 def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
@@ -394,14 +493,18 @@ def build(cfg: FinetuneConfig, spec: TaskSpec) -> Built:
         vocab_size, tokenizer = encoder.vocab_size, "wordpiece"
         inputs = {"tokenizer": tokenizer_files(m.vocab_dir)}
     source_dim = None if source is None else source.size(1)
-    net = _net(m.kind, spec.kind, vocab_size, encoder.pad_id, r, len(spec.labels), source_dim)
+    encoder = _segments(encoder, spec)
+    net = _net(m.kind, spec, vocab_size, encoder.pad_id, r, source_dim)
     if source is not None:
         net.embed.word_embeddings.weight.data.copy_(source)
     shape = f"{'bi' if r.bidirectional else ''}{r.cell}{'-explicit' if r.explicit else ''}-L{r.layers}-H{r.hidden}"
+    shape += "" if r.pooling == "last" or m.kind != "rnn" else f"-{r.pooling}"
     describe = {"kind": m.kind, "size": f"E{r.embed_dim}" if m.kind == "pooled" else shape, "cell": r.cell,
                 "explicit": r.explicit, "layers": r.layers, "hidden": r.hidden, "bidirectional": r.bidirectional,
                 "embed_dim": r.embed_dim, "vocab_size": vocab_size, "tokenizer": tokenizer,
-                "embeddings": r.init_embeddings or "random init"}
+                "embeddings": r.init_embeddings or "random init", "pooling": r.pooling}
+    if spec.pair:
+        describe |= {"pair": "[u; v; |u - v|; u * v]", "mlp_hidden": r.mlp_hidden}
     meta = {"rnn": dataclasses.asdict(r), "vocab_size": vocab_size, "pad_id": encoder.pad_id,
             "source_dim": source_dim, "bounds": bounds}
     return Built(net, encoder, meta, describe, inputs)
@@ -416,10 +519,9 @@ def restore(meta: dict, directory: Path) -> tuple[nn.Module, TextEncoder]:
     from recipes.tasks import get_task
 
     r = RnnConfig(**meta["rnn"])
+    spec = get_task(meta["task"])
     encoder = WordEncoder.load(directory, meta["bounds"]) if r.word_vocab else WordPieceEncoder(directory)
-    net = _net(meta["kind"], get_task(meta["task"]).kind, meta["vocab_size"], meta["pad_id"], r, len(meta["labels"]),
-               meta["source_dim"])
-    return net, encoder
+    return _net(meta["kind"], spec, meta["vocab_size"], meta["pad_id"], r, meta["source_dim"]), _segments(encoder, spec)
 
 
 # ---- bertpipe generate -----------------------------------------------------------------------------------

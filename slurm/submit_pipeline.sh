@@ -3,20 +3,23 @@
 #
 #   vocab -> shard (array) -> shard merge -> pretrain (NODES x GPUS_PER_NODE ranks) -> finetune (array) --+
 #        \-> baselines (array; they need only the vocabulary) -------------------------------------------+-> leaderboard
+#   with --glue also: pretrain -> glue (array, a (task, seed) run each) -> glue-table --------------------+
 #
 # usage: slurm/submit_pipeline.sh [PROFILE] [--partition P] [--account A] [--time T] [--nodes N]
-#                                 [--gpus-per-node G] [--cpus-per-task C] [--build DIR] [--dry-run]
+#                                 [--gpus-per-node G] [--cpus-per-task C] [--build DIR] [--glue] [--dry-run]
 # PROFILE (also --config; default recipes/pipeline/bert-base.sh) names each stage's recipe and overrides;
 # recipes/pipeline/demo.sh is the CPU demo. The options may instead come from the environment: PARTITION,
 # ACCOUNT, TIME (pretraining's limit, default 48:00:00; STAGE_TIME for the others, default 04:00:00), NODES
 # (default 1), GPUS_PER_NODE (default 0: CPU), CPUS_PER_TASK (default 2), BUILD (default build/<profile>),
-# DATA_DIR. Outputs: BUILD/{vocab,shards,pretrain,runs}; one log per job in BUILD/logs.
+# DATA_DIR. --glue (or GLUE=1) runs bertpipe glue on the pretrained BERT (the profile's GLUE_TASKS, GLUE_SEEDS,
+# GLUE_OVERRIDES) into BUILD/runs/glue-bert. Outputs: BUILD/{vocab,shards,pretrain,runs}; one log per job in
+# BUILD/logs.
 set -euo pipefail
 HOME_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$HOME_DIR"
 PROFILE=${PROFILE:-recipes/pipeline/bert-base.sh}
 DRY_RUN=0
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 need() { [ $# -ge 2 ] || { echo "submit_pipeline.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
     --cpus-per-task) need "$@"; CPUS_PER_TASK=$2; shift ;;
     --build) need "$@"; BUILD=$2; shift ;;
     --config) need "$@"; PROFILE=$2; shift ;;
+    --glue) GLUE=1 ;;
     --dry-run) DRY_RUN=1 ;;
     -*) echo "submit_pipeline.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) PROFILE=$1 ;;
@@ -57,7 +61,8 @@ submit() {
   local args=("${common[@]}" --job-name="bertpipe-$name")
   [ -n "$after" ] && args+=(--dependency="afterok:$after")
   if [ "$DRY_RUN" = 1 ]; then
-    echo "CONFIG=${CONFIG:-} CONFIGS='${CONFIGS:-}' OVERRIDES='${OVERRIDES:-}' sbatch ${args[*]} $*" >&2
+    echo "CONFIG=${CONFIG:-} CONFIGS='${CONFIGS:-}' OVERRIDES='${OVERRIDES:-}' GLUE_ARGS='${GLUE_ARGS:-}' sbatch \
+${args[*]} $*" >&2
     job="<$name>"
   else
     job=$(sbatch "${args[@]}" "$@" | cut -d';' -f1)
@@ -92,5 +97,19 @@ CONFIGS=$BASELINE_CONFIGS RUNS_DIR=$RUNS_DIR OVERRIDES="model.vocab_dir=$BUILD/v
   submit baselines "$vocab" "${stage_time[@]}" --array="$(array "$BASELINE_CONFIGS")" "${one_gpu[@]}" \
   --output="$BUILD/logs/%x-%A_%a.out" slurm/finetune.sbatch
 baselines=$job
-RUNS_DIR=$RUNS_DIR submit leaderboard "$finetune:$baselines" "${stage_time[@]}" --output="$BUILD/logs/%x-%j.out" \
+after_all="$finetune:$baselines"
+if [ "${GLUE:-0}" = 1 ]; then
+  glue_args="--encoder $BUILD/pretrain --out $RUNS_DIR/glue-bert ${GLUE_TASKS:+--tasks $GLUE_TASKS} \
+${GLUE_SEEDS:+--seeds $GLUE_SEEDS}"
+  # shellcheck disable=SC2086
+  runs=$("${BERTPIPE:-$HOME_DIR/.venv/bin/bertpipe}" glue $glue_args --list | wc -l)
+  GLUE_ARGS=$glue_args OVERRIDES="${GLUE_OVERRIDES:-}" \
+    submit glue "$pretrain" "${stage_time[@]}" --array="0-$((runs - 1))" "${one_gpu[@]}" \
+    --output="$BUILD/logs/%x-%A_%a.out" slurm/glue.sbatch
+  glue=$job
+  GLUE_ARGS=$glue_args OVERRIDES="${GLUE_OVERRIDES:-}" \
+    submit glue-table "$glue" "${stage_time[@]}" --output="$BUILD/logs/%x-%j.out" slurm/glue.sbatch
+  after_all="$after_all:$job"
+fi
+RUNS_DIR=$RUNS_DIR submit leaderboard "$after_all" "${stage_time[@]}" --output="$BUILD/logs/%x-%j.out" \
   slurm/leaderboard.sbatch

@@ -25,7 +25,7 @@ import aiohttp
 import psutil
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, finished_run
 from prometheus_client.parser import text_string_to_metric_families
 
 from recipes.predict import Predictor
@@ -188,6 +188,34 @@ def test_a_text_over_max_len_is_truncated_and_said_so(servers, tiny_runs):
     result = body["results"][0]
     assert status == 200 and result["truncated"] and len(result["tags"]) == 100
     assert result["probabilities"][-1] is None and result["tags"][-1] == TASKS["ud_pos"].default_tag
+
+
+@pytest.fixture(scope="module")
+def stsb_run(tiny_vocab, tmp_path_factory) -> Path:
+    """A tiny BERT (random init) on 500 STS-B pairs: a sentence-pair regression run, trained in seconds."""
+    return finished_run("finetune/glue-stsb", tmp_path_factory.mktemp("stsb") / "stsb", "model.encoder=null",
+                        "model.preset=tiny", f"model.vocab_dir={tiny_vocab}", "task.max_len=64", "task.max_train=500",
+                        "task.max_eval=50", "trainer.batch_size=32", "trainer.max_epochs=1", "trainer.lr=2e-3")
+
+
+def test_a_pair_run_serves_scores_equal_to_predict_pair(stsb_run, cli):
+    """STS-B: `{"a", "b"}` inputs get the score `bertpipe predict --pair` prints, a text gets a 422."""
+    pairs = [("A man is playing a guitar.", "A man plays the guitar."),
+             ("A woman slices an onion.", "Two dogs run on the beach.")]
+    code, out, err = cli("predict", "--run", stsb_run, *(x for a, b in pairs for x in ("--pair", a, b)))
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [tuple(line[1:]) for line in lines] == pairs
+    with Running(ServeConfig(run=str(stsb_run), port=0)) as url:
+        status, meta = call(url, "/metadata")
+        assert status == 200 and meta["input"] == "pair" and meta["task_kind"] == "regress"
+        status, body = call(url, "/predict", {"inputs": [{"a": a, "b": b} for a, b in pairs]})
+        assert status == 200
+        for served, line, (a, b) in zip(body["results"], lines, pairs, strict=True):
+            assert (served["text_a"], served["text_b"]) == (a, b) and not served["truncated"]
+            assert abs(served["score"] - float(line[0])) <= TOLERANCE and "label" not in served
+        status, body = call(url, "/predict", {"inputs": "just one sentence"})
+        assert status == 422 and "takes a pair" in body["error"]
 
 
 # ---- dynamic batching under load -------------------------------------------------------------------------

@@ -210,3 +210,53 @@ def test_submit_pipeline_dry_run_asks_for_the_cluster_it_is_given(tmp_path):
     assert "--dependency=afterok:<finetune>:<baselines>" in lines["leaderboard"]
     bad = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "--nodes"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "submit_pipeline.sh: --nodes needs a value (see --help)"
+
+
+def test_submit_pipeline_dry_run_chains_glue_after_pretraining(tmp_path):
+    """--glue: an array of one (task, seed) run per task, after pretraining, then the table; the leaderboard
+    waits for it too."""
+    import subprocess
+
+    env = {**os.environ, "DATA_DIR": str(tmp_path), "BERTPIPE": str(BIN / "bertpipe"), "GLUE_TASKS": "rte,mrpc",
+           "GLUE_SEEDS": "2,rte=3"}
+    proc = subprocess.run(["bash", str(ROOT / "slurm/submit_pipeline.sh"), "recipes/pipeline/demo.sh", "--dry-run",
+                           "--glue", "--build", str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split("--job-name=bertpipe-")[1].split()[0]: line for line in proc.stderr.splitlines()}
+    assert list(lines)[-3:] == ["glue", "glue-table", "leaderboard"]
+    assert "--dependency=afterok:<pretrain>" in lines["glue"] and "--array=0-4" in lines["glue"]  # 2 + 3 runs
+    assert f"--encoder {tmp_path / 'b' / 'pretrain'} --out {tmp_path / 'b' / 'runs' / 'glue-bert'}" in lines["glue"]
+    assert "--dependency=afterok:<glue>" in lines["glue-table"] and "--array" not in lines["glue-table"]
+    assert "--dependency=afterok:<finetune>:<baselines>:<glue-table>" in lines["leaderboard"]
+
+
+def test_glue_array_runs_one_task_and_seed_each_then_writes_the_table(slurm, data, wiki_vocab, tmp_path):
+    """slurm/glue.sbatch: an array task per (task, seed) of `bertpipe glue --list` (RTE and WNLI, two seeds of
+    RTE, a few steps each), then the same script without an array writes the table from the finished runs."""
+    import json
+    import subprocess
+
+    out = tmp_path / "glue"
+    glue_args = (f"--recipes {ROOT}/recipes/baselines/glue-{{task}}-bilstm.yaml --vocab {wiki_vocab} --out {out} "
+                 "--tasks rte,wnli --seeds 1,rte=2")
+    env = {**slurm.env, "BERTPIPE_HOME": str(ROOT), "BERTPIPE": str(BIN / "bertpipe"), "DATA_DIR": str(data),
+           "GLUE_ARGS": glue_args,
+           "OVERRIDES": "task.max_train=64 task.max_eval=32 trainer.max_steps=2 trainer.checkpoint=false "
+                        "trainer.accelerator=cpu track.wandb=disabled model.rnn.hidden=32 model.rnn.embed_dim=16"}
+    (tmp_path / "logs").mkdir()
+    listed = subprocess.run([str(BIN / "bertpipe"), "glue", *glue_args.split(), "--list"], capture_output=True,
+                            text=True, env=env)
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 3, listed.stderr
+    sbatch = ["sbatch", "--parsable", f"--chdir={tmp_path}", "--cpus-per-task=1", str(ROOT / "slurm/glue.sbatch")]
+    array = subprocess.run([*sbatch[:-1], "--array=0-2", sbatch[-1]], capture_output=True, text=True, env=env)
+    assert array.returncode == 0, array.stderr
+    array_id = array.stdout.strip().split(";")[0]
+    table = subprocess.run([*sbatch[:-1], f"--dependency=afterok:{array_id}", sbatch[-1]], capture_output=True,
+                           text=True, env=env)
+    table_id = table.stdout.strip().split(";")[0]
+    states = slurm.wait([array_id, table_id], timeout=600)
+    assert states == {array_id: "COMPLETED", table_id: "COMPLETED"}, (states, _tails(tmp_path / "logs"))
+    summary = json.loads((out / "results.json").read_text())
+    assert {t: e["n"] for t, e in summary["tasks"].items()} == {"rte": 2, "wnli": 1}
+    assert (out / "glue.md").read_text().startswith("| model | run | RTE (accuracy) | WNLI (accuracy) |")
+    assert len(list((tmp_path / "logs").glob("bertpipe-glue-*.out"))) == 4  # three array tasks and the table

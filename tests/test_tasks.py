@@ -1,4 +1,4 @@
-"""Task readers on the real data, label alignment, batching, metrics and bad input (recipes/tasks.py)."""
+"""Task readers on the real data, label alignment, batching, metrics and bad input (recipes/tasks/)."""
 
 from __future__ import annotations
 
@@ -172,10 +172,19 @@ def test_binary_metrics_score_the_positive_class():
     ("ud_pos", "# text = Hi\n1\tHi\thi\tINTJ\tUH\t_\t0\troot\t0:root\t_\n2\t!\t!\tPUNCT\n", 3,
      "expected 10 tab-separated CoNLL-U columns, found 4"),
     ("ud_pos", "1\tHi\thi\tWORD\tUH\t_\t0\troot\t0:root\t_\n", 1, "unknown label 'WORD'"),
+    ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\n", 3,
+     "expected 4 tab-separated fields, found 3"),
+    ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n", 2, "unknown label 'maybe'"),
+    ("wnli", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\t2\n", 2, "label '2' is not one of 0..1"),
+    ("stsb", "sentence1\tsentence2\tscore\na\tb\t6.1\n", 2, r"score '6.1' is not a number in \[0, 5\]"),
+    ("stsb", "sentence1\tsentence2\tscore\na\tb\thigh\n", 2, "score 'high' is not a number"),
+    ("mrpc", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\n1\t1\t2\ta\n", 1,
+     "expected a header with the columns #1 String, #2 String, Quality; #2 String not in"),
+    ("cola", "gj04\t1\t\tA fine sentence.\ngj04\t1\tonly three\n", 2, "expected 4 tab-separated fields, found 3"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, task, text, line, message):
     path = tmp_path / "bad.txt"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(BertpipeError, match=message) as err:
         TASKS[task].read(path)
     assert str(err.value).startswith(f"{path}:{line}: ")

@@ -16,3 +16,10 @@ CORPUS_FILES=${CORPUS_FILES:-$(ls "${DATA_DIR:?}"/pretrain/wikipedia/AA/wiki_* "
 PRETRAIN_OVERRIDES=${PRETRAIN_OVERRIDES:-}
 FINETUNE_OVERRIDES=${FINETUNE_OVERRIDES:-}
 BASELINE_OVERRIDES=${BASELINE_OVERRIDES:-}
+# `make glue`: bertpipe glue on the pretrained BERT-base, BERT-base from random weights and the BiLSTM baselines,
+# with the recipes' settings (BERT's GLUE settings; seeds: 5 for RTE, MRPC, STS-B, CoLA, 3 for SST-2 and WNLI)
+GLUE_TASKS=${GLUE_TASKS:-cola,sst2,mrpc,stsb,rte,wnli}
+GLUE_SEEDS=${GLUE_SEEDS:-}
+GLUE_PRESET=${GLUE_PRESET:-base}
+GLUE_OVERRIDES=${GLUE_OVERRIDES:-}
+GLUE_BASELINE_OVERRIDES=${GLUE_BASELINE_OVERRIDES:-}

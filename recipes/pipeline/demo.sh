@@ -23,3 +23,14 @@ fi
 FINETUNE_OVERRIDES=${FINETUNE_OVERRIDES:-$TASK_OVERRIDES trainer.lr=2.0e-4 \
 trainer.val_check_interval=1.0 trainer.accelerator=cpu track.wandb=offline}
 BASELINE_OVERRIDES=${BASELINE_OVERRIDES:-$TASK_OVERRIDES trainer.accelerator=cpu track.wandb=offline}
+# `make glue PROFILE=recipes/pipeline/demo.sh` (needs DATA_DIR's GLUE files): bertpipe glue on the demo's tiny BERT,
+# the same preset from random weights and the BiLSTM pair baselines, CPU-sized: 2,000 training examples per task
+# (all of WNLI's 635), 3 epochs, batch 16, three seeds for every task, a quarter of dev between epochs (the final
+# score sees all of it); the tiny BERTs at lr 2e-4, the BiLSTMs at hidden 128, embeddings 64.
+GLUE_TASKS=${GLUE_TASKS:-cola,sst2,mrpc,stsb,rte,wnli}
+GLUE_SEEDS=${GLUE_SEEDS:-3}
+GLUE_PRESET=${GLUE_PRESET:-tiny}
+GLUE_CPU="task.max_train=2000 trainer.max_epochs=3 trainer.batch_size=16 trainer.limit_val_batches=0.25 \
+trainer.checkpoint=false trainer.accelerator=cpu track.wandb=disabled"
+GLUE_OVERRIDES=${GLUE_OVERRIDES:-$GLUE_CPU trainer.lr=2.0e-4}
+GLUE_BASELINE_OVERRIDES=${GLUE_BASELINE_OVERRIDES:-$GLUE_CPU model.rnn.hidden=128 model.rnn.embed_dim=64}

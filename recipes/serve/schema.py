@@ -70,9 +70,16 @@ class Result(BaseModel):
     """One input's answer; which keys it has depends on the run's task kind."""
 
     model_config = ConfigDict(extra="allow")
-    text: str | None = Field(None, description="the input text as read (stripped)")
+    text: str | None = Field(None, description="the input text as read (stripped); span: the answer")
+    text_a: str | None = Field(None, description="a pair task: the pair's first text as read (stripped)")
+    text_b: str | None = Field(None, description="a pair task: its second text")
     label: str | None = Field(None, description="classify: the most probable label")
     probability: float | None = Field(None, description="classify: the label's probability")
+    score: float | None = Field(None, description="regress: the score (STS-B: similarity, 0-5); span: the answer's "
+                                "start plus end logit")
+    question: str | None = Field(None, description="span: the question as read")
+    start: int | None = Field(None, description="span: the answer's first character in the context")
+    end: int | None = Field(None, description="span: the character after the answer")
     probabilities: dict[str, float] | list[float | None] | None = Field(
         None, description="classify: every label's probability; tag: each tag's (null for words cut off)")
     words: list[str] | None = Field(None, description="tag: the words tagged")
