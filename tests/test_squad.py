@@ -8,7 +8,8 @@ Measured with these settings (2 shared CPU cores, one torch thread): offsets: in
 lies in the window give the answer back exactly from its start and end pieces; the rest are annotation
 artefacts: an answer whose first or last character is inside a word ("2" of "12", "10." of "2010.", "e Red
 Army"), which no piece boundary reproduces. Training (2,000 training questions, the first 300 dev questions,
-windows of 128): the runs must beat the best trivial baseline by MARGINS.
+windows of 128): the runs must beat the best trivial baseline (EM 1.33, F1 12.7) by MARGINS; the RNN reader,
+2 epochs, gave EM 7.0 and F1 22.9 on an idle machine (3.5 min).
 """
 
 from __future__ import annotations
@@ -306,16 +307,17 @@ def runs(tmp_path_factory, wiki_vocab, one_thread, data) -> dict[str, Path]:
     """A tiny BERT with random weights and the RNN reader, each trained briefly on the same questions."""
     root = tmp_path_factory.mktemp("squad")
     finetune("finetune/squad-cpu.yaml", root / "bert", "model.encoder=null", "model.preset=tiny",
-             f"model.vocab_dir={wiki_vocab}", "trainer.lr=1e-3", "trainer.max_epochs=3")
-    finetune("baselines/squad-bireader.yaml", root / "reader", f"model.vocab_dir={wiki_vocab}", "trainer.max_epochs=3")
+             f"model.vocab_dir={wiki_vocab}", "trainer.lr=1e-3", "trainer.max_epochs=1")
+    finetune("baselines/squad-bireader.yaml", root / "reader", f"model.vocab_dir={wiki_vocab}", "trainer.max_epochs=2")
     return {"bert": root / "bert", "reader": root / "reader"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [
     pytest.param("bert", marks=pytest.mark.xfail(strict=True, reason=(
-        "a tiny BERT from random weights does not yet beat the trivial baselines here: EM 0.67 / F1 9.1 against "
-        "1.33 / 12.7 (the RNN reader passes); issue 17 open"))),
+        "a tiny BERT trained this briefly does not beat the trivial baselines (EM 1.33, F1 12.7) yet, from random "
+        "weights (3 epochs: EM 0.67, F1 9.1) nor from cpu-wiki's pretrained ones (EM 1.0, F1 9.1); a published "
+        "6-layer BERT does (MiniLM, 1 epoch: EM 15.0, F1 29.9), the RNN reader too; issue 17 open"))),
     "reader"])
 def test_trained_briefly_beats_the_trivial_baselines(runs, baseline, dev_split, model):
     results = json.loads((runs[model] / "results.json").read_text())
