@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,7 @@ def test_state_dict_names_and_shapes_equal_transformers():
 
 
 def test_decoder_is_tied_and_initialization_is_berts():
+    torch.manual_seed(0)
     model = BertForPreTraining(from_preset("mini", vocab_size=5000))
     head = model.cls.predictions
     assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight
@@ -80,7 +83,9 @@ def test_decoder_is_tied_and_initialization_is_berts():
         elif name.endswith("bias") or "LayerNorm" in name:
             assert torch.all(p == 0), name
         else:
-            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+            # the sample std of n normal draws is off by about 1/sqrt(2n) of itself: 3% for the 512 token-type
+            # weights, so a fixed 5% failed one draw in ten; allow 5 of those standard errors
+            assert p.std().item() == pytest.approx(0.02, rel=max(0.02, 5 / math.sqrt(2 * p.numel()))), name
     assert torch.all(model.bert.embeddings.word_embeddings.weight[0] == 0)  # [PAD]
 
 
