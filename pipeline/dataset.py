@@ -256,7 +256,7 @@ class PretrainingStream(IterableDataset):
             index += workers
 
 
-def _leave_signals_to_the_trainer(_worker: int) -> None:
+def leave_signals_to_the_trainer(_worker: int) -> None:
     """SLURM signals every process of a job (USR1 before the time limit, TERM on preemption or scancel), loader
     workers included: they ignore both, so the training process checkpoints, then ends them itself."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -314,7 +314,7 @@ class PretrainingLoader:
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
                             pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
-                            worker_init_fn=_leave_signals_to_the_trainer,
+                            worker_init_fn=leave_signals_to_the_trainer,
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.consumed += 1

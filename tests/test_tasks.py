@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from recipes.tasks import (
     Collator,
     TaggedExample,
     TaskConfig,
+    TaskDataModule,
     TextExample,
     WordPieceEncoder,
     align_words,
@@ -89,6 +92,19 @@ def test_max_train_is_a_seeded_sample_and_max_eval_a_prefix(data):
     b = read_splits(config(data, "sst2", max_train=100, max_eval=50), spec)
     assert len(a["train"]) == 100 and a["train"] == b["train"]
     assert a["dev"] == read_splits(config(data, "sst2"), spec)["dev"][:50]
+
+
+def test_loader_workers_leave_slurm_signals_to_the_training_process(data, encoder):
+    """SLURM signals every process of a job (USR1 before its time limit, TERM on preemption or scancel), loader
+    workers included: they ignore both, so the training process decides (Lightning checkpoints and requeues) and
+    the epoch's batches keep coming, instead of the run dying with "DataLoader worker ... killed by signal"."""
+    splits = read_splits(config(data, "sst2", max_train=256, max_eval=8), TASKS["sst2"])
+    batches = iter(TaskDataModule(splits, encoder, max_len=32, batch_size=8, num_workers=2).loader("train"))
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGUSR1)
+        os.kill(worker.pid, signal.SIGTERM)
+    assert sum(len(b["input_ids"]) for b in batches) == 256 - 8
 
 
 # ---- label alignment -------------------------------------------------------------------------------------

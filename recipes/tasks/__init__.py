@@ -35,6 +35,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.dataset import leave_signals_to_the_trainer
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import TOKENIZER_FILES
 from recipes.tasks.autoencoding import DIGITS, SENTENCE_WORDS, ImageExample, read_digits, read_sentences
@@ -340,7 +341,8 @@ class TaskDataModule(L.LightningDataModule):
         self.setup()
         return DataLoader(self.features[split], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          worker_init_fn=leave_signals_to_the_trainer if self.num_workers else None)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)
