@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.instances import split_sentences
 from pipeline.model import BertForPreTraining, from_preset
 from recipes.squad import (
     Answers,
@@ -35,8 +34,8 @@ from recipes.squad import (
     build_windows,
     cut_questions,
     read_squad,
-    squad_scores,
     top_spans,
+    trivial_baselines,
 )
 from recipes.tasks import WordPieceEncoder
 
@@ -92,13 +91,8 @@ def hf_decode(features: list[dict], logits: list[np.ndarray], n_best: int, max_a
 
 
 def trivial(examples) -> list[dict]:
-    rules = {f"first {k} words": lambda ex, k=k: " ".join(ex.context.split()[:k]) for k in (1, 2, 3, 5, 8)}
-    rules["first sentence"] = lambda ex: split_sentences(ex.context)[0]
-    rows = []
-    for name, rule in rules.items():
-        scores = squad_scores({ex.id: rule(ex) for ex in examples}, examples)
-        rows.append({"baseline": name, "EM": f"{scores['exact_match']:.2f}", "F1": f"{scores['f1']:.2f}"})
-    return rows
+    return [{"baseline": name, "EM": f"{s['exact_match']:.2f}", "F1": f"{s['f1']:.2f}"}
+            for name, s in trivial_baselines(examples, ks=(1, 2, 3, 5, 8)).items()]
 
 
 def gpu_estimate(features: list[dict], tflops: float, epochs: int = 2) -> dict:

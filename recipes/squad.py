@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.text import squad
 
 from pipeline.errors import BertpipeError
+from pipeline.instances import split_sentences
 from recipes.base import Built, FinetuneConfig, TaskModule, TrainerConfig
 from recipes.tasks import TaskDataModule, TaskSpec, WordPieceEncoder
 from recipes.tasks.squad import SquadExample, parse_articles, read_squad  # noqa: F401 (re-exported)
@@ -255,6 +256,14 @@ def squad_scores(predictions: dict[str, str], examples: list[SquadExample]) -> d
     preds = [{"prediction_text": predictions[ex.id], "id": ex.id} for ex in examples]
     target = [{"answers": {"answer_start": ex.starts, "text": ex.answers}, "id": ex.id} for ex in examples]
     return {k: float(v) for k, v in squad(preds, target).items()}
+
+
+def trivial_baselines(examples: list[SquadExample], ks: tuple[int, ...] = (1, 2, 3, 5)) -> dict[str, dict[str, float]]:
+    """EM/F1 of answers that read no question: the context's first k words for each k, and its first sentence.
+    A trained reader must clear the best of them to show it reads the question at all."""
+    rules = {f"first {k} words": lambda ex, k=k: " ".join(ex.context.split()[:k]) for k in ks}
+    rules["first sentence"] = lambda ex: split_sentences(ex.context)[0]
+    return {name: squad_scores({ex.id: rule(ex) for ex in examples}, examples) for name, rule in rules.items()}
 
 
 # ---- the task module -------------------------------------------------------------------------------------
