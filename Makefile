@@ -38,7 +38,7 @@ lint: $(STAMP) $(MODELS_STAMP)  ## ruff
 	$(BIN)/ruff check pipeline tokenization recipes tests bench
 
 test: lint  ## ruff + the whole test suite
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: lint  ## ruff + the tests not marked slow
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
