@@ -3,8 +3,8 @@
 stated MFU on an H100 (989 TFLOP/s dense bf16). The sequence length is the recipe's phase (512 for *-512;
 the shards decide in a real run); a time-based recipe is counted at the steps 8 H100s reach in its budget.
 
-    .venv/bin/python bench/recipes.py                  # 40% MFU
-    .venv/bin/python bench/recipes.py --mfu 0.5
+    .venv/bin/python bench/pretrain_recipes.py                  # 40% MFU
+    .venv/bin/python bench/pretrain_recipes.py --mfu 0.5
 """
 
 from __future__ import annotations
