@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,16 +35,30 @@ def wiki_files(data: Path) -> list[Path]:
     return sorted((data / "pretrain" / "wikipedia" / "AA").glob("wiki_*"))
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run a block with `count` torch threads, then restore the number it had."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module that trains small networks: on a shared 2-core machine two threads
     fight over the cores and small steps slow down tenfold."""
-    import torch
+    with torch_threads(1):
+        yield
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+def all_threads():
+    """Every core for one larger network inside a one_thread module (a 6-layer BERT's steps use them)."""
+    return torch_threads(os.cpu_count() or 1)
 
 
 @pytest.fixture
