@@ -342,7 +342,7 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(self.features[split], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0,
-                          worker_init_fn=leave_signals_to_the_trainer if self.num_workers else None)
+                          worker_init_fn=leave_signals_to_the_trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)
