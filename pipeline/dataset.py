@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import signal
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
@@ -23,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.collate import MLMCollator
 from pipeline.errors import BertpipeError
 from pipeline.store import Store
 from pipeline.vocab import vocab_hash
+from pipeline.workers import SignalSafeLoader
 
 log = logging.getLogger(__name__)
 LOADER_STATE_VERSION = 2  # 1: per-rank streams (cannot continue in the global order)
@@ -256,13 +256,6 @@ class PretrainingStream(IterableDataset):
             index += workers
 
 
-def leave_signals_to_the_trainer(_worker: int) -> None:
-    """SLURM signals every process of a job (USR1 before the time limit, TERM on preemption or scancel), loader
-    workers included: they ignore both, so the training process checkpoints, then ends them itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class PretrainingLoader:
     """This rank's share of the global order, as masked micro-batches; state_dict() is the position reached.
 
@@ -310,11 +303,10 @@ class PretrainingLoader:
     def __iter__(self) -> Iterator[dict]:
         stream = PretrainingStream(self, self.consumed)
         # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG
-        loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
+        loader = SignalSafeLoader(stream, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
                             pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
-                            worker_init_fn=leave_signals_to_the_trainer,
                             generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.consumed += 1

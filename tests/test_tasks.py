@@ -97,14 +97,17 @@ def test_max_train_is_a_seeded_sample_and_max_eval_a_prefix(data):
 def test_loader_workers_leave_slurm_signals_to_the_training_process(data, encoder):
     """SLURM signals every process of a job (USR1 before its time limit, TERM on preemption or scancel), loader
     workers included: they ignore both, so the training process decides (Lightning checkpoints and requeues) and
-    the epoch's batches keep coming, instead of the run dying with "DataLoader worker ... killed by signal"."""
+    the epoch's batches keep coming, instead of the run dying with "DataLoader worker ... killed by signal".
+    The signals come at once, while the workers may still be starting."""
     splits = read_splits(config(data, "sst2", max_train=256, max_eval=8), TASKS["sst2"])
     batches = iter(TaskDataModule(splits, encoder, max_len=32, batch_size=8, num_workers=2).loader("train"))
-    next(batches)
-    for worker in batches._workers:
-        os.kill(worker.pid, signal.SIGUSR1)
-        os.kill(worker.pid, signal.SIGTERM)
-    assert sum(len(b["input_ids"]) for b in batches) == 256 - 8
+    try:
+        for worker in batches._workers:
+            os.kill(worker.pid, signal.SIGUSR1)
+            os.kill(worker.pid, signal.SIGTERM)
+        assert sum(len(b["input_ids"]) for b in batches) == 256
+    finally:
+        batches._shutdown_workers()
 
 
 # ---- label alignment -------------------------------------------------------------------------------------

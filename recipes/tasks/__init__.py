@@ -35,9 +35,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.dataset import leave_signals_to_the_trainer
 from pipeline.errors import BertpipeError
 from pipeline.hf_interop import TOKENIZER_FILES
+from pipeline.workers import SignalSafeLoader
 from recipes.tasks.autoencoding import DIGITS, SENTENCE_WORDS, ImageExample, read_digits, read_sentences
 from recipes.tasks.files import label_id, read_lines
 from recipes.tasks.glue import GLUE_TASKS, TextPairExample, encode_pairs, read_glue, truncate_pair
@@ -339,10 +339,9 @@ class TaskDataModule(L.LightningDataModule):
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
         self.setup()
-        return DataLoader(self.features[split], batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
-                          worker_init_fn=leave_signals_to_the_trainer)
+        return SignalSafeLoader(self.features[split], batch_size=self.batch_size, shuffle=shuffle,
+                                collate_fn=self.collate, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)
