@@ -19,18 +19,21 @@ side.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import claim, mark, os_reason, write_json
 from pipeline.config import load_config, to_dict
 from pipeline.errors import BertpipeError
 from recipes.base import FinetuneConfig, fit
@@ -43,6 +46,8 @@ MORE_SEEDS = {"rte": 5, "mrpc": 5, "stsb": 5, "cola": 5}  # the small, noisy tas
 RECIPES = "recipes/finetune/glue-{task}.yaml"
 NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE", "wnli": "WNLI"}
 METRIC_NAMES = {"mcc": "MCC", "accuracy": "accuracy", "accuracy_f1": "F1/acc", "pearson_spearman": "Pearson/Spearman"}
+STAGE = "glue"
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST)  # rename onto a directory another array task has filled
 WITHOUT = "wnli"  # BERT's GLUE average leaves WNLI out (its dev set is adversarial to its training set)
 
 
@@ -193,16 +198,40 @@ def write_table(summary: dict, out: Path) -> list[Path]:
     return [md, csv_path, png, out / "results.json"]
 
 
-def _check_out(out: Path) -> None:
-    """OUT/results.json is replaced only when it is a GLUE summary."""
-    results = out / "results.json"
-    if results.is_file():
+def claim_out(out: Path) -> None:
+    """Make OUT GLUE's own before anything is written there: absent or empty (then marked), or already GLUE's
+    (its marker, or a GLUE results.json from before markers); anything else stops with one line. The array tasks
+    of one table start together: a marked directory is renamed into place, so none sees it half made."""
+    while not _ours(out):
+        staged = None
         try:
-            ours = json.loads(results.read_text()).get("kind") == "glue"
-        except (ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise BertpipeError(f"{out} holds a results.json that is not a GLUE summary: choose another --out")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".incomplete", dir=out.parent))
+            mark(staged, STAGE)
+            staged.rename(out)  # onto an absent or empty directory; refused once another task's is there
+        except OSError as err:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            if staged is None or err.errno not in _TAKEN:
+                raise BertpipeError(f"cannot create {out}: {os_reason(err)}") from None
+
+
+def _ours(out: Path) -> bool:
+    """True when OUT is GLUE's, False when it is absent or empty; raises for anything else."""
+    try:
+        return claim(out, STAGE) == "ours"
+    except BertpipeError:
+        if not _summary_before_markers(out):
+            raise
+        mark(out, STAGE)
+        return True
+
+
+def _summary_before_markers(out: Path) -> bool:
+    try:
+        return json.loads((out / "results.json").read_text()).get("kind") == "glue"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def glue_command(argv: list[str]) -> int:
@@ -250,7 +279,7 @@ def glue_command(argv: list[str]) -> int:
         for i, job in enumerate(jobs):
             print(f"{i}\t{job.task}\t{job.seed}\t{job.run_dir}")
         return 0
-    _check_out(out)
+    claim_out(out)
     flags = ([f"model.encoder={args.encoder}"] if args.encoder else []) + \
             (["model.encoder=null", f"model.preset={args.preset}"] if args.preset else []) + \
             ([f"model.vocab_dir={args.vocab}"] if args.vocab else [])

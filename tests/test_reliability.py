@@ -113,6 +113,40 @@ def test_finetune_refuses_a_foreign_run_directory(wiki_vocab, data, tmp_path, cl
     assert changes(before, snapshot(tmp_path)) == []
 
 
+def test_glue_refuses_a_foreign_directory_a_file_and_another_stages_output(wiki_vocab, tmp_path, cli):
+    foreign = foreign_dir(tmp_path / "mine")
+    (foreign / "glue.md").write_text("my notes on GLUE\n")  # a name the table would take
+    (tmp_path / "file").write_text("a user's file\n")
+    before, vocab_before = snapshot(tmp_path), snapshot(wiki_vocab)
+    for out, expected in ((foreign, "was not written by bertpipe"), (tmp_path / "file", "is a file"),
+                          (wiki_vocab, "holds bertpipe's vocab output, not a glue output")):
+        line = refused(cli("glue", "--recipes", ROOT / "recipes/baselines/glue-{task}-bilstm.yaml", "--vocab",
+                           wiki_vocab, "--tasks", "rte", "--seeds", "1", "--out", out, "--quiet", "--force"))
+        assert expected in line and str(out) in line, line
+    assert changes(before, snapshot(tmp_path)) == [] and changes(vocab_before, snapshot(wiki_vocab)) == []
+
+
+def test_glue_array_tasks_starting_together_all_claim_one_out(tmp_path):
+    """The tasks of a SLURM array share --out: each finds it absent, empty or GLUE's, never half made."""
+    import multiprocessing
+
+    from recipes.glue import claim_out
+
+    outs = [tmp_path / "glue"] * 12 + [tmp_path / "empty"] * 12
+    (tmp_path / "empty").mkdir()
+    with multiprocessing.get_context("fork").Pool(12) as pool:
+        pool.map(claim_out, outs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "glue"]  # no staged directory left behind
+    for out in ("glue", "empty"):
+        assert [p.name for p in (tmp_path / out).iterdir()] == ["bertpipe.json"]
+        assert json.loads((tmp_path / out / "bertpipe.json").read_text())["stage"] == "glue"
+    before = tmp_path / "before-markers"  # a table written before markers existed is GLUE's
+    before.mkdir()
+    (before / "results.json").write_text('{"kind": "glue"}\n')
+    claim_out(before)
+    assert json.loads((before / "bertpipe.json").read_text())["stage"] == "glue"
+
+
 # ---- read-only file system, full disk ----------------------------------------------------------------------
 
 
