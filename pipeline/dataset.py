@@ -304,10 +304,10 @@ class PretrainingLoader:
         stream = PretrainingStream(self, self.consumed)
         # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG
         loader = SignalSafeLoader(stream, batch_size=None, num_workers=self.workers,
-                            prefetch_factor=self.prefetch if self.workers else None,
-                            persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
-                            pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
-                            generator=torch.Generator().manual_seed(self.seed))
+                                  prefetch_factor=self.prefetch if self.workers else None,
+                                  persistent_workers=False, multiprocessing_context="fork" if self.workers else None,
+                                  pin_memory=torch.cuda.is_available(),  # pinned: copied to the GPU asynchronously
+                                  generator=torch.Generator().manual_seed(self.seed))
         for batch in loader:
             self.consumed += 1
             yield batch
